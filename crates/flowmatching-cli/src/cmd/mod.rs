@@ -1,0 +1,5 @@
+//! One module per subcommand; each turns parsed arguments into library calls.
+
+pub mod demo;
+pub mod sample;
+pub mod train;

@@ -1,0 +1,181 @@
+//! `flowmatching train`.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use flowmatching::checkpoint::{self, Checkpoint};
+use flowmatching::data::DataSource;
+use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::optim::{AdamWConfig, LrDecay};
+use flowmatching::path::Prediction;
+use flowmatching::scheduler::SchedulerConfig;
+use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+
+use crate::cli::{ActivationArg, LrDecayArg, PathArg, TimeArg, TrainArgs};
+use crate::io;
+use crate::progress;
+
+/// How a training loop ended.
+pub struct Outcome {
+    pub last_loss: f64,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+/// Runs the trainer to its configured total, with a progress bar and periodic checkpoints in `out`.
+/// On Ctrl-C it saves a checkpoint and returns with `interrupted` set.
+pub fn run_loop(
+    trainer: &mut Trainer,
+    data: &dyn DataSource,
+    out: &Path,
+    every: u64,
+) -> Result<Outcome> {
+    let total = trainer.config().train.steps;
+    let bar = progress::training_bar(total, trainer.step_count());
+    let stop = progress::interrupt_flag();
+    let start = Instant::now();
+    let mut loss = f64::NAN;
+    let mut smoothed = None::<f64>;
+    while trainer.step_count() < total {
+        loss = match trainer.step(data) {
+            Ok(l) => l,
+            Err(e) => {
+                bar.abandon();
+                bail!("{e}\nthe last good checkpoint is in {}", out.display());
+            }
+        };
+        let s = smoothed.map_or(loss, |s| 0.98 * s + 0.02 * loss);
+        smoothed = Some(s);
+        let step = trainer.step_count();
+        bar.set_position(step);
+        if step.is_multiple_of(20) || step == total {
+            bar.set_message(format!("{s:.4}"));
+        }
+        if every > 0 && step.is_multiple_of(every) && step < total {
+            checkpoint::save(trainer, out, Some(loss))?;
+        }
+        if stop.load(Ordering::SeqCst) {
+            bar.abandon();
+            checkpoint::save(trainer, out, Some(loss))?;
+            eprintln!(
+                "interrupted at step {step}; checkpoint saved in {}. Resume with the same command plus --resume.",
+                out.display()
+            );
+            return Ok(Outcome {
+                last_loss: loss,
+                seconds: start.elapsed().as_secs_f64(),
+                interrupted: true,
+            });
+        }
+    }
+    bar.finish();
+    let seconds = start.elapsed().as_secs_f64();
+    checkpoint::save(trainer, out, Some(loss))?;
+    Ok(Outcome {
+        last_loss: loss,
+        seconds,
+        interrupted: false,
+    })
+}
+
+/// The run configuration described by the command line.
+pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
+    let path = match a.path {
+        PathArg::Ot => SchedulerConfig::CondOt {
+            sigma_min: a.sigma_min,
+        },
+        PathArg::Vp => SchedulerConfig::Vp {
+            beta_min: 0.1,
+            beta_max: 20.0,
+        },
+        PathArg::Cosine => SchedulerConfig::Cosine,
+        PathArg::Poly => SchedulerConfig::Polynomial { n: 2.0 },
+    };
+    let time_embedding = match a.time_embedding {
+        TimeArg::Input => TimeEmbedding::Input,
+        TimeArg::Sinusoidal => TimeEmbedding::Sinusoidal { dim: 32 },
+    };
+    let activation = match a.activation {
+        ActivationArg::Silu => Activation::Silu,
+        ActivationArg::Selu => Activation::Selu,
+    };
+    if a.grad_clip < 0.0 || !a.grad_clip.is_finite() {
+        bail!(
+            "--grad-clip must be 0 (off) or positive, got {}",
+            a.grad_clip
+        );
+    }
+    Ok(RunConfig {
+        format_version: FORMAT_VERSION,
+        model: ModelConfig::Mlp(MlpConfig {
+            dim,
+            hidden: a.hidden,
+            depth: a.depth,
+            time_embedding,
+            activation,
+        }),
+        path,
+        prediction: Prediction::Velocity,
+        train: TrainConfig {
+            steps: a.steps,
+            batch_size: a.batch_size,
+            optimizer: AdamWConfig {
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                ..Default::default()
+            },
+            warmup_steps: a.warmup,
+            lr_decay: match a.lr_decay {
+                LrDecayArg::Constant => LrDecay::Constant,
+                LrDecayArg::Cosine => LrDecay::Cosine,
+            },
+            grad_clip: (a.grad_clip > 0.0).then_some(a.grad_clip),
+            ema_decay: a.ema_decay,
+            seed: a.seed,
+        },
+        data: a.data.clone(),
+    })
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let data = io::open_data(&a.data)?;
+    let device = Device::Cpu;
+    let mut trainer = if a.resume {
+        let ckpt = Checkpoint::load(&a.out, &device)
+            .with_context(|| format!("--resume: no usable checkpoint in {}", a.out.display()))?;
+        let mut t = ckpt.into_trainer(&device)?;
+        if a.steps <= t.step_count() {
+            bail!(
+                "--resume: the checkpoint is already at step {}; pass a larger --steps",
+                t.step_count()
+            );
+        }
+        t.set_total_steps(a.steps);
+        eprintln!("resuming from step {} of {}", t.step_count(), a.steps);
+        t
+    } else {
+        if a.out.join(checkpoint::META_FILE).exists() {
+            bail!(
+                "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
+                a.out.display()
+            );
+        }
+        Trainer::new(config_from_args(a, data.dim())?, &device)?
+    };
+    io::ensure_dir(&a.out)?;
+    eprintln!("training on {} for {} steps", data.describe(), a.steps);
+    let o = run_loop(&mut trainer, data.as_ref(), &a.out, a.checkpoint_every)?;
+    if !o.interrupted {
+        eprintln!(
+            "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
+            trainer.step_count(),
+            o.seconds,
+            o.last_loss,
+            a.out.display()
+        );
+    }
+    Ok(())
+}

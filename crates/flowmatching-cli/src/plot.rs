@@ -1,0 +1,81 @@
+//! PNG pictures: 2-D histograms of point sets, side by side.
+
+use std::path::Path;
+
+use anyhow::Result;
+use flowmatching::checkpoint::write_atomic;
+
+/// The square window [lo, hi]^2 that holds the central 99.8% of `points` in both coordinates, with margin.
+pub fn window(points: &[f32]) -> (f32, f32) {
+    let mut v: Vec<f32> = points.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (-1.0, 1.0);
+    }
+    v.sort_by(f32::total_cmp);
+    let lo = v[v.len() / 1000];
+    let hi = v[v.len() - 1 - v.len() / 1000];
+    let pad = 0.05 * (hi - lo).max(1e-3);
+    (lo - pad, hi + pad)
+}
+
+/// A viridis-like colour for v in [0, 1].
+fn colour(v: f32) -> [u8; 3] {
+    const STOPS: [[f32; 3]; 5] = [
+        [68., 1., 84.],
+        [59., 82., 139.],
+        [33., 145., 140.],
+        [94., 201., 98.],
+        [253., 231., 37.],
+    ];
+    let x = v.clamp(0.0, 1.0) * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f32;
+    let mut out = [0u8; 3];
+    for c in 0..3 {
+        out[c] = (STOPS[i][c] * (1.0 - f) + STOPS[i + 1][c] * f) as u8;
+    }
+    out
+}
+
+/// Pixels per histogram bin.
+const CELL: u32 = 4;
+
+/// Writes one PNG with a 2-D histogram (`bins` x `bins`) per point set (first two coordinates), panels left
+/// to right, all on the same window. Brightness is sqrt(count / max count).
+pub fn histograms(
+    path: &Path,
+    sets: &[&[f32]],
+    dim: usize,
+    window: (f32, f32),
+    bins: u32,
+) -> Result<()> {
+    let size = bins * CELL;
+    let gap = 8;
+    let width = sets.len() as u32 * size + (sets.len() as u32 - 1) * gap;
+    let mut img = image::RgbImage::from_pixel(width, size, image::Rgb([255, 255, 255]));
+    let (lo, hi) = window;
+    for (k, pts) in sets.iter().enumerate() {
+        let mut counts = vec![0u32; (bins * bins) as usize];
+        for p in pts.chunks_exact(dim) {
+            let (x, y) = (p[0], if dim > 1 { p[1] } else { 0.0 });
+            let fx = (x - lo) / (hi - lo);
+            let fy = (y - lo) / (hi - lo);
+            if (0.0..1.0).contains(&fx) && (0.0..1.0).contains(&fy) {
+                let (i, j) = ((fx * bins as f32) as u32, ((1.0 - fy) * bins as f32) as u32);
+                counts[(j.min(bins - 1) * bins + i.min(bins - 1)) as usize] += 1;
+            }
+        }
+        let max = counts.iter().copied().max().unwrap_or(1).max(1) as f32;
+        let x0 = k as u32 * (size + gap);
+        for j in 0..size {
+            for i in 0..size {
+                let c = counts[((j / CELL) * bins + i / CELL) as usize] as f32;
+                img.put_pixel(x0 + i, j, image::Rgb(colour((c / max).sqrt())));
+            }
+        }
+    }
+    let mut bytes = std::io::Cursor::new(vec![]);
+    img.write_to(&mut bytes, image::ImageFormat::Png)?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! Progress bars and Ctrl-C handling for long commands.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A bar showing step, loss, steps/s and ETA.
+pub fn training_bar(total: u64, start: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps | loss {msg} | {per_sec} | ETA {eta}",
+        )
+        .expect("static template"),
+    );
+    bar.set_position(start);
+    bar.reset_eta();
+    bar
+}
+
+/// A flag set when the user presses Ctrl-C (installed once per process).
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        // If a handler cannot be installed, Ctrl-C simply ends the process as usual.
+        let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+        flag
+    })
+    .clone()
+}

@@ -1,0 +1,257 @@
+//! End-to-end tests of the `flowmatching` binary: small runs, and bad input handled without panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flowmatching"))
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fm-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A bad invocation: non-zero exit, a one-line `error:` naming the problem, no panic.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "should fail: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}
+
+fn write_npy_f64(path: &Path, rows: &[[f64; 2]]) {
+    // A hand-made .npy (version 1.0, little-endian float64, C order), independent of our writer.
+    let header = format!(
+        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, 2), }}",
+        rows.len()
+    );
+    let mut h = header.into_bytes();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(b' ');
+    }
+    h.push(b'\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((h.len() as u16).to_le_bytes());
+    bytes.extend(h);
+    for r in rows {
+        for v in r {
+            bytes.extend(v.to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn read_npy_len(path: &Path) -> usize {
+    let bytes = std::fs::read(path).unwrap();
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    (bytes.len() - 10 - hlen) / 4
+}
+
+#[test]
+fn train_then_sample_on_user_npy_and_resume() {
+    let dir = tmpdir("npy");
+    let data = dir.join("points.npy");
+    let rows: Vec<[f64; 2]> = (0..64)
+        .map(|i| [(i % 8) as f64 - 3.5, (i / 8) as f64 * 0.5])
+        .collect();
+    write_npy_f64(&data, &rows);
+    let ck = dir.join("run");
+    let (d, c) = (data.to_str().unwrap(), ck.to_str().unwrap());
+    let common = [
+        "--hidden",
+        "16",
+        "--depth",
+        "2",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "10",
+    ];
+    let o = bin()
+        .args(["train", "--data", d, "--out", c, "--steps", "20"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(ck.join("checkpoint.json").exists());
+    // a second plain train into the same folder refuses to overwrite it
+    let o = bin()
+        .args(["train", "--data", d, "--out", c, "--steps", "30"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "--resume");
+    let o = bin()
+        .args([
+            "train", "--data", d, "--out", c, "--steps", "30", "--resume",
+        ])
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["step"], 30);
+
+    let out = dir.join("s.npy");
+    let png = dir.join("s.png");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--out",
+        out.to_str().unwrap(),
+        "--plot",
+        png.to_str().unwrap(),
+        "--num-samples",
+        "100",
+        "--solver",
+        "rk4",
+        "--steps",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_npy_len(&out), 200);
+    assert!(png.exists());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("s.stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["stats"]["nfe"], 20);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn csv_data_is_accepted() {
+    let dir = tmpdir("csv");
+    let data = dir.join("p.csv");
+    std::fs::write(&data, "x,y\n0,1\n1,0\n2,2\n").unwrap();
+    let o = run(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.join("r").to_str().unwrap(),
+        "--steps",
+        "3",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = tmpdir("bad");
+    let out = dir.join("o");
+    let o = out.to_str().unwrap();
+    assert_clean_failure(
+        &run(&["train", "--data", "nosuchset", "--out", o]),
+        "neither a built-in",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "/no/such/file.npy", "--out", o]),
+        "cannot read",
+    );
+    let junk = dir.join("junk.npy");
+    std::fs::write(&junk, b"not an npy").unwrap();
+    assert_clean_failure(
+        &run(&["train", "--data", junk.to_str().unwrap(), "--out", o]),
+        "not a valid .npy",
+    );
+    let nan = dir.join("nan.csv");
+    std::fs::write(&nan, "1,2\nnan,3\n").unwrap();
+    assert_clean_failure(
+        &run(&["train", "--data", nan.to_str().unwrap(), "--out", o]),
+        "NaN",
+    );
+    let empty = dir.join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    assert_clean_failure(
+        &run(&["train", "--data", empty.to_str().unwrap(), "--out", o]),
+        "no data rows",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "moons", "--out", o, "--lr=-1"]),
+        "lr",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "moons", "--out", o, "--sigma-min", "1.5"]),
+        "sigma_min",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "moons", "--out", o, "--batch-size", "0"]),
+        "batch size",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "moons", "--out", o, "--hidden", "0"]),
+        "hidden",
+    );
+    assert_clean_failure(
+        &run(&["train", "--data", "moons", "--out", o, "--steps", "ten"]),
+        "invalid value",
+    );
+    assert_clean_failure(
+        &run(&["sample", "--checkpoint", dir.to_str().unwrap()]),
+        "checkpoint.json",
+    );
+    assert!(
+        !out.join("checkpoint.json").exists(),
+        "no checkpoint may be written by a failed run"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn corrupted_checkpoint_is_refused() {
+    let dir = tmpdir("corrupt");
+    let ck = dir.join("run");
+    let c = ck.to_str().unwrap();
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        c,
+        "--steps",
+        "2",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("checkpoint.json")).unwrap()).unwrap();
+    let w = ck.join(meta["weights_file"].as_str().unwrap());
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    let out = dir.join("s.npy");
+    let o = run(&["sample", "--checkpoint", c, "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "checksum");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let o = run(&["--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for word in ["demo", "train", "sample", "t = 0 is noise"] {
+        assert!(text.contains(word), "{word} missing from --help: {text}");
+    }
+}

@@ -1,0 +1,246 @@
+//! Training data: the built-in 2-D sets and in-memory tensors.
+//!
+//! A [`DataSource`] hands out minibatches drawn with a caller-supplied [`Rng`], so the data order is part
+//! of the seeded, resumable stream.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// Something that yields minibatches of flat rows.
+pub trait DataSource: Send + Sync {
+    /// Dimension of one example (flattened).
+    fn dim(&self) -> usize;
+    /// `n` examples, row-major (n x dim).
+    fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32>;
+    /// A short description for logs and checkpoints.
+    fn describe(&self) -> String;
+}
+
+/// The built-in 2-D distributions, sampled afresh for every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toy2d {
+    /// flow_matching's checkerboard: 8 unit squares of [-2, 2)^2 where floor(x) + floor(y) is even,
+    /// scaled by 1 / 0.45.
+    Checkerboard,
+    /// Eight Gaussians (std 0.5) on a circle of radius 4, scaled by 1 / 1.414 (FFJORD's set).
+    EightGaussians,
+    /// Two interleaved half circles with noise 0.1 (scikit-learn's moons), scaled by 2 and shifted.
+    Moons,
+    /// Two concentric circles (radii 1 and 0.5, noise 0.08), scaled by 3.
+    Circles,
+    /// Two interleaved spirals (FFJORD's set).
+    TwoSpirals,
+    /// Five curved arms (FFJORD's pinwheel).
+    Pinwheel,
+    /// The (x, z) plane of scikit-learn's swiss roll with noise 1, scaled by 1 / 5.
+    SwissRoll,
+}
+
+impl Toy2d {
+    pub const ALL: [Toy2d; 7] = [
+        Toy2d::Checkerboard,
+        Toy2d::EightGaussians,
+        Toy2d::Moons,
+        Toy2d::Circles,
+        Toy2d::TwoSpirals,
+        Toy2d::Pinwheel,
+        Toy2d::SwissRoll,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Toy2d::Checkerboard => "checkerboard",
+            Toy2d::EightGaussians => "8gaussians",
+            Toy2d::Moons => "moons",
+            Toy2d::Circles => "circles",
+            Toy2d::TwoSpirals => "2spirals",
+            Toy2d::Pinwheel => "pinwheel",
+            Toy2d::SwissRoll => "swissroll",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// One point.
+    pub fn point(&self, rng: &mut Rng) -> [f64; 2] {
+        use std::f64::consts::PI;
+        match self {
+            Toy2d::Checkerboard => {
+                let x = rng.uniform() * 4.0 - 2.0;
+                let y = rng.uniform() - 2.0 * rng.below(2) as f64 + x.floor().rem_euclid(2.0);
+                [x / 0.45, y / 0.45]
+            }
+            Toy2d::EightGaussians => {
+                let k = rng.below(8) as f64 * PI / 4.0;
+                let (cx, cy) = (4.0 * k.cos(), 4.0 * k.sin());
+                [
+                    (cx + 0.5 * rng.normal()) / 1.414,
+                    (cy + 0.5 * rng.normal()) / 1.414,
+                ]
+            }
+            Toy2d::Moons => {
+                let th = rng.uniform() * PI;
+                let (x, y) = if rng.below(2) == 0 {
+                    (th.cos(), th.sin())
+                } else {
+                    (1.0 - th.cos(), 0.5 - th.sin())
+                };
+                [
+                    2.0 * (x + 0.1 * rng.normal()) - 1.0,
+                    2.0 * (y + 0.1 * rng.normal()) - 0.2,
+                ]
+            }
+            Toy2d::Circles => {
+                let th = rng.uniform() * 2.0 * PI;
+                let r = if rng.below(2) == 0 { 1.0 } else { 0.5 };
+                [
+                    3.0 * (r * th.cos() + 0.08 * rng.normal()),
+                    3.0 * (r * th.sin() + 0.08 * rng.normal()),
+                ]
+            }
+            Toy2d::TwoSpirals => {
+                let n = rng.uniform().sqrt() * 540.0 * 2.0 * PI / 360.0;
+                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                let x = sign * (-n.cos() * n + rng.uniform() * 0.5);
+                let y = sign * (n.sin() * n + rng.uniform() * 0.5);
+                [x / 3.0 + 0.1 * rng.normal(), y / 3.0 + 0.1 * rng.normal()]
+            }
+            Toy2d::Pinwheel => {
+                let (classes, rate) = (5.0, 0.25);
+                let arm = rng.below(5) as f64 * 2.0 * PI / classes;
+                let (r, tan) = (1.0 + 0.3 * rng.normal(), 0.1 * rng.normal());
+                let angle = arm + rate * r.exp();
+                let (c, s) = (angle.cos(), angle.sin());
+                [2.0 * (r * c - tan * s), 2.0 * (r * s + tan * c)]
+            }
+            Toy2d::SwissRoll => {
+                let t = 1.5 * PI * (1.0 + 2.0 * rng.uniform());
+                [
+                    (t * t.cos() + rng.normal()) / 5.0,
+                    (t * t.sin() + rng.normal()) / 5.0,
+                ]
+            }
+        }
+    }
+}
+
+impl DataSource for Toy2d {
+    fn dim(&self) -> usize {
+        2
+    }
+
+    fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .flat_map(|_| self.point(rng).map(|v| v as f32))
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+}
+
+/// A finite data set held in memory; minibatches are drawn uniformly with replacement.
+#[derive(Debug, Clone)]
+pub struct TensorDataset {
+    data: Vec<f32>,
+    dim: usize,
+    name: String,
+}
+
+impl TensorDataset {
+    /// `data` is row-major n x dim. Rejects empty sets and non-finite values, naming the first bad row.
+    pub fn new(data: Vec<f32>, dim: usize, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        if dim == 0 || data.is_empty() {
+            return Err(Error::Data(format!("{name}: the data set is empty")));
+        }
+        if !data.len().is_multiple_of(dim) {
+            return Err(Error::Data(format!(
+                "{name}: {} values do not form rows of {dim}",
+                data.len()
+            )));
+        }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Data(format!(
+                "{name}: row {} column {} is {} (NaN or Inf are not allowed)",
+                i / dim,
+                i % dim,
+                data[i]
+            )));
+        }
+        Ok(Self { data, dim, name })
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn rows(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl DataSource for TensorDataset {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n * self.dim);
+        for _ in 0..n {
+            let i = rng.below(self.len());
+            out.extend_from_slice(&self.data[i * self.dim..(i + 1) * self.dim]);
+        }
+        out
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({} x {})", self.name, self.len(), self.dim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::checkerboard_support;
+
+    #[test]
+    fn checkerboard_fills_its_eight_squares_evenly() {
+        let pts = Toy2d::Checkerboard.sample(&mut Rng::new(0), 40_000);
+        let s = checkerboard_support(&pts);
+        assert_eq!(s.in_support_fraction, 1.0);
+        assert!(s.max_square_deviation < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn every_set_is_finite_and_reproducible() {
+        for d in Toy2d::ALL {
+            let a = d.sample(&mut Rng::new(5), 1000);
+            assert!(
+                a.iter().all(|v| v.is_finite() && v.abs() < 20.0),
+                "{}",
+                d.name()
+            );
+            assert_eq!(a, d.sample(&mut Rng::new(5), 1000));
+            assert_eq!(Toy2d::from_name(d.name()), Some(d));
+        }
+    }
+
+    #[test]
+    fn tensor_dataset_rejects_bad_data() {
+        assert!(TensorDataset::new(vec![], 2, "x").is_err());
+        assert!(TensorDataset::new(vec![1.0, 2.0, 3.0], 2, "x").is_err());
+        let e = TensorDataset::new(vec![1.0, 2.0, f32::NAN, 0.0], 2, "x").unwrap_err();
+        assert!(e.to_string().contains("row 1 column 0"), "{e}");
+        let d = TensorDataset::new(vec![1.0, 2.0, 3.0, 4.0], 2, "x").unwrap();
+        let b = d.sample(&mut Rng::new(0), 5);
+        assert!(b.chunks(2).all(|r| r == [1.0, 2.0] || r == [3.0, 4.0]));
+    }
+}

@@ -1,0 +1,33 @@
+//! # flowmatching
+//!
+//! Conditional flow matching (Lipman et al., "Flow Matching for Generative Modeling") on candle.
+//!
+//! **Time convention, everywhere in this crate: t = 0 is noise, t = 1 is data.** Samples are drawn by
+//! integrating dx/dt = v(x, t) from x0 ~ N(0, I) at t = 0 to t = 1.
+//!
+//! The pieces, one concept per module:
+//! - [`scheduler`]: alpha_t, sigma_t and their derivatives (CondOT with sigma_min, VP diffusion, cosine,
+//!   polynomial);
+//! - [`path`]: the affine Gaussian path x_t = sigma_t x0 + alpha_t x1 over any scheduler, its regression
+//!   targets and the conversions between velocity, x1, noise and score predictions;
+//! - [`empirical`]: the exact marginal field of a finite data set (the optimum a model approximates);
+//! - [`model`]: the [`model::VelocityField`] trait and the MLP;
+//! - [`optim`] and [`train`]: AdamW, warm-up, clipping, EMA and the CFM training step;
+//! - [`checkpoint`]: atomic, checksummed checkpoints with exact resume;
+//! - [`solver`]: ODE solvers with exact NFE statistics;
+//! - [`data`] and [`metrics`]: built-in 2-D data sets and sample-quality measures.
+
+pub mod checkpoint;
+pub mod data;
+pub mod empirical;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod path;
+pub mod rng;
+pub mod scheduler;
+pub mod solver;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,427 @@
+//! Velocity models: the [`VelocityField`] trait, a parameter store, and the MLP.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// A time-dependent vector field v(x, t): anything a solver can integrate.
+pub trait VelocityField {
+    /// v(x, t) for x of shape (B, ...) and t of shape (B,) (t = 0 noise, t = 1 data).
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+}
+
+impl<F: VelocityField + ?Sized> VelocityField for &F {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).forward(x, t)
+    }
+}
+
+impl<F: VelocityField + ?Sized> VelocityField for Box<F> {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).forward(x, t)
+    }
+}
+
+/// The trainable parameters of a model, in a fixed order with stable names.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    entries: Vec<(String, Var)>,
+}
+
+impl Params {
+    fn add(&mut self, name: String, value: Tensor) -> Result<Var> {
+        let var = Var::from_tensor(&value)?;
+        self.entries.push((name, var.clone()));
+        Ok(var)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.entries.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// A snapshot of the current values (detached copies), by name.
+    pub fn snapshot(&self) -> Result<Vec<(String, Tensor)>> {
+        self.entries
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach())))
+            .collect()
+    }
+
+    /// Sets every parameter from `values`, checking that the names and shapes match exactly.
+    pub fn load(&self, values: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.entries {
+            let v = values.get(name).ok_or_else(|| {
+                Error::Data(format!(
+                    "parameter '{name}' is missing (was it saved by another architecture?)"
+                ))
+            })?;
+            if v.dims() != var.dims() {
+                return Err(Error::Data(format!(
+                    "parameter '{name}' has shape {:?}, the model expects {:?} (another architecture?)",
+                    v.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&v.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        if values.len() != self.entries.len() {
+            return Err(Error::Data(format!(
+                "{} tensors saved but the model has {} parameters (another architecture?)",
+                values.len(),
+                self.entries.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A dense layer y = x W^T + b, initialised as PyTorch does: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Var,
+    bias: Var,
+}
+
+impl Linear {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        init: &mut Init,
+    ) -> Result<Self> {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let weight = params.add(
+            format!("{name}.weight"),
+            init.uniform((fan_out, fan_in), bound)?,
+        )?;
+        let bias = params.add(format!("{name}.bias"), init.uniform(fan_out, bound)?)?;
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Draws initial weights from our seeded generator (candle cannot seed its own on the CPU).
+pub struct Init<'a> {
+    pub rng: &'a mut Rng,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Init<'_> {
+    pub fn uniform<S: Into<candle_core::Shape>>(&mut self, shape: S, bound: f64) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| ((2.0 * self.rng.uniform() - 1.0) * bound) as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
+    }
+}
+
+/// How the MLP sees time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TimeEmbedding {
+    /// t appended to x as one input feature.
+    Input,
+    /// [sin(1000 t f_k), cos(1000 t f_k)], f_k = 10000^(-k / (dim/2)), appended to x.
+    Sinusoidal { dim: usize },
+}
+
+/// The hidden-layer nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// x sigmoid(x), also called swish.
+    Silu,
+    /// The self-normalising ELU of torchcfm's 2-D examples.
+    Selu,
+}
+
+/// An MLP v(x, t): (dim + time features) -> hidden (x depth) -> dim.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    /// Data dimension.
+    pub dim: usize,
+    /// Width of the hidden layers.
+    pub hidden: usize,
+    /// Number of hidden layers (each followed by the activation); the MLP has depth + 1 linear layers.
+    pub depth: usize,
+    pub time_embedding: TimeEmbedding,
+    pub activation: Activation,
+}
+
+impl MlpConfig {
+    /// flow_matching's 2-D example network shape (3-512x4-2, SiLU, t as an input feature) for `dim`.
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            hidden: 512,
+            depth: 4,
+            time_embedding: TimeEmbedding::Input,
+            activation: Activation::Silu,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.dim == 0 || self.hidden == 0 || self.depth == 0 {
+            return Err(Error::Config(format!(
+                "MLP needs positive dim, hidden width and depth, got dim {}, hidden {}, depth {}",
+                self.dim, self.hidden, self.depth
+            )));
+        }
+        if let TimeEmbedding::Sinusoidal { dim } = self.time_embedding {
+            if dim == 0 || dim % 2 != 0 {
+                return Err(Error::Config(format!(
+                    "sinusoidal time embedding needs an even positive size, got {dim}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn time_features(&self) -> usize {
+        match self.time_embedding {
+            TimeEmbedding::Input => 1,
+            TimeEmbedding::Sinusoidal { dim } => dim,
+        }
+    }
+}
+
+/// The MLP velocity model.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    config: MlpConfig,
+    layers: Vec<Linear>,
+    freqs: Option<Tensor>,
+}
+
+impl Mlp {
+    pub fn new(config: MlpConfig, params: &mut Params, init: &mut Init) -> Result<Self> {
+        config.validate()?;
+        let mut layers = vec![];
+        let mut fan_in = config.dim + config.time_features();
+        for i in 0..config.depth {
+            layers.push(Linear::new(
+                params,
+                &format!("layers.{i}"),
+                fan_in,
+                config.hidden,
+                init,
+            )?);
+            fan_in = config.hidden;
+        }
+        layers.push(Linear::new(
+            params,
+            &format!("layers.{}", config.depth),
+            fan_in,
+            config.dim,
+            init,
+        )?);
+        let freqs = match config.time_embedding {
+            TimeEmbedding::Input => None,
+            TimeEmbedding::Sinusoidal { dim } => {
+                let half = dim / 2;
+                let f: Vec<f32> = (0..half)
+                    .map(|k| 1000.0 * (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
+                    .collect();
+                Some(Tensor::from_vec(f, (1, half), &init.device)?.to_dtype(init.dtype)?)
+            }
+        };
+        Ok(Self {
+            config,
+            layers,
+            freqs,
+        })
+    }
+
+    pub fn config(&self) -> &MlpConfig {
+        &self.config
+    }
+
+    fn embed_time(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.unsqueeze(1)?;
+        Ok(match &self.freqs {
+            None => t,
+            Some(f) => {
+                let arg = t.broadcast_mul(f)?;
+                Tensor::cat(&[arg.sin()?, arg.cos()?], 1)?
+            }
+        })
+    }
+}
+
+impl VelocityField for Mlp {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let shape = x.shape().clone();
+        let x = x.flatten_from(1)?;
+        if x.dim(1)? != self.config.dim {
+            return Err(Error::Data(format!(
+                "the model expects {}-dimensional data, got {}",
+                self.config.dim,
+                x.dim(1)?
+            )));
+        }
+        let mut h = Tensor::cat(&[&x, &self.embed_time(&t.to_dtype(x.dtype())?)?], 1)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i < last {
+                h = match self.config.activation {
+                    Activation::Silu => h.silu()?,
+                    Activation::Selu => {
+                        (h.elu(1.673_263_242_354_377_3)? * 1.050_700_987_355_480_5)?
+                    }
+                };
+            }
+        }
+        Ok(h.reshape(shape)?)
+    }
+}
+
+/// A serialisable model description, as stored in checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelConfig {
+    Mlp(MlpConfig),
+}
+
+impl ModelConfig {
+    /// Builds the model with fresh parameters drawn from `rng`.
+    pub fn build(&self, rng: &mut Rng, device: &Device, dtype: DType) -> Result<(Model, Params)> {
+        let mut params = Params::default();
+        let mut init = Init {
+            rng,
+            device: device.clone(),
+            dtype,
+        };
+        let model = match self {
+            ModelConfig::Mlp(c) => Model::Mlp(Mlp::new(*c, &mut params, &mut init)?),
+        };
+        Ok((model, params))
+    }
+
+    /// The data dimension the model works on.
+    pub fn dim(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(c) => c.dim,
+        }
+    }
+}
+
+/// Any of the library's models.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Mlp(Mlp),
+}
+
+impl VelocityField for Model {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Mlp(m) => m.forward(x, t),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mlp_shapes_and_parameter_count() {
+        for te in [TimeEmbedding::Input, TimeEmbedding::Sinusoidal { dim: 8 }] {
+            let cfg = MlpConfig {
+                dim: 2,
+                hidden: 16,
+                depth: 3,
+                time_embedding: te,
+                activation: Activation::Silu,
+            };
+            let mut rng = Rng::new(0);
+            let (m, p) = ModelConfig::Mlp(cfg)
+                .build(&mut rng, &Device::Cpu, DType::F32)
+                .unwrap();
+            let tf = if te == TimeEmbedding::Input { 1 } else { 8 };
+            assert_eq!(
+                p.count(),
+                (2 + tf) * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 2 + 2
+            );
+            let x = Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap();
+            let t = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(m.forward(&x, &t).unwrap().dims(), &[5, 2]);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_weights() {
+        let cfg = ModelConfig::Mlp(MlpConfig::new(2));
+        let a = cfg
+            .build(&mut Rng::new(3), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let b = cfg
+            .build(&mut Rng::new(3), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        for ((_, x), (_, y)) in a.iter().zip(b.iter()) {
+            let d: f32 = (x.as_tensor() - y.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0);
+        }
+    }
+
+    #[test]
+    fn load_rejects_other_architectures() {
+        let small = ModelConfig::Mlp(MlpConfig {
+            hidden: 8,
+            ..MlpConfig::new(2)
+        });
+        let big = ModelConfig::Mlp(MlpConfig {
+            hidden: 16,
+            ..MlpConfig::new(2)
+        });
+        let a = small
+            .build(&mut Rng::new(0), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let b = big
+            .build(&mut Rng::new(0), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let saved: HashMap<String, Tensor> = a.snapshot().unwrap().into_iter().collect();
+        assert!(b.load(&saved).is_err());
+        assert!(a.load(&saved).is_ok());
+    }
+}

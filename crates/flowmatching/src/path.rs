@@ -1,0 +1,299 @@
+//! The affine Gaussian probability path over any [`Scheduler`].
+//!
+//! For noise x0 ~ N(0, I), a data point x1 and a time t (t = 0 noise, t = 1 data):
+//!
+//! ```text
+//! x_t = sigma_t x0 + alpha_t x1                          (sample)
+//! u_t(x_t | x1) = d_sigma_t x0 + d_alpha_t x1            (conditional velocity, the CFM target)
+//! ```
+//!
+//! The marginal velocity is u_t(x) = E[u_t(x | x1) | x_t = x]; because x_t is affine in (x0, x1), it is an
+//! affine function of any other posterior mean, which gives the conversions between prediction types:
+//!
+//! ```text
+//! from x1 = E[x1 | x]:   v = (d_sigma/sigma) x + (d_alpha - d_sigma alpha / sigma) x1
+//! from eps = E[x0 | x]:  v = (d_alpha/alpha) x + (d_sigma - d_alpha sigma / alpha) eps
+//! from the score s:      eps = -sigma s   (Gaussian conditional path: grad log p_t(x|x1) = -x0 / sigma)
+//! ```
+//!
+//! Each conversion is `v = a(t) x + b(t) prediction`; [`AffinePath::conversion`] returns (a, b).
+//! The x1 form is singular where sigma_t = 0, the noise and score forms where alpha_t = 0 (t = 0 on CondOT).
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
+
+/// What a network predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The velocity u_t (flow matching).
+    #[default]
+    Velocity,
+    /// The data point x1 (denoiser / "x-prediction").
+    X1,
+    /// The noise x0, called epsilon in DDPM.
+    Epsilon,
+    /// The score grad_x log p_t(x).
+    Score,
+}
+
+/// A point on the path and its regression target.
+#[derive(Debug, Clone)]
+pub struct PathSample {
+    /// Times, shape (B,).
+    pub t: Tensor,
+    /// x_t = sigma_t x0 + alpha_t x1.
+    pub x_t: Tensor,
+    /// d/dt x_t = d_sigma_t x0 + d_alpha_t x1: the conditional velocity.
+    pub dx_t: Tensor,
+}
+
+/// One affine Gaussian path; any scheduler makes it concrete.
+#[derive(Debug)]
+pub struct AffinePath {
+    scheduler: Box<dyn Scheduler>,
+}
+
+impl AffinePath {
+    pub fn new(scheduler: Box<dyn Scheduler>) -> Self {
+        Self { scheduler }
+    }
+
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
+        Ok(Self::new(config.build()?))
+    }
+
+    pub fn scheduler(&self) -> &dyn Scheduler {
+        self.scheduler.as_ref()
+    }
+
+    /// Scheduler values at time t.
+    pub fn at(&self, t: f64) -> SchedulerOutput {
+        self.scheduler.at(t)
+    }
+
+    /// x_t and the conditional velocity for noise `x0`, data `x1` (same shape, batch first) and per-row times.
+    pub fn sample(&self, x0: &Tensor, x1: &Tensor, t: &[f64]) -> Result<PathSample> {
+        if x0.shape() != x1.shape() {
+            return Err(Error::Data(format!(
+                "x0 has shape {:?} but x1 has shape {:?}",
+                x0.dims(),
+                x1.dims()
+            )));
+        }
+        let out: Vec<SchedulerOutput> = t.iter().map(|&t| self.scheduler.at(t)).collect();
+        let col = |f: fn(&SchedulerOutput) -> f64| column(out.iter().map(f), x1);
+        let (alpha, sigma) = (col(|o| o.alpha_t)?, col(|o| o.sigma_t)?);
+        let (d_alpha, d_sigma) = (col(|o| o.d_alpha_t)?, col(|o| o.d_sigma_t)?);
+        let x_t = (x0.broadcast_mul(&sigma)? + x1.broadcast_mul(&alpha)?)?;
+        let dx_t = (x0.broadcast_mul(&d_sigma)? + x1.broadcast_mul(&d_alpha)?)?;
+        let t =
+            Tensor::from_iter(t.iter().map(|&t| t as f32), x1.device())?.to_dtype(x1.dtype())?;
+        Ok(PathSample { t, x_t, dx_t })
+    }
+
+    /// Coefficients (a, b) with velocity = a x + b prediction at time t.
+    pub fn conversion(&self, from: Prediction, t: f64) -> (f64, f64) {
+        let o = self.scheduler.at(t);
+        let (al, si, da, ds) = (o.alpha_t, o.sigma_t, o.d_alpha_t, o.d_sigma_t);
+        match from {
+            Prediction::Velocity => (0.0, 1.0),
+            Prediction::X1 => (ds / si, da - ds * al / si),
+            Prediction::Epsilon => (da / al, ds - da * si / al),
+            Prediction::Score => (da / al, -(ds - da * si / al) * si),
+        }
+    }
+
+    /// Converts a prediction of kind `from` at (x, t) into the velocity (t per row).
+    pub fn to_velocity(
+        &self,
+        from: Prediction,
+        pred: &Tensor,
+        x: &Tensor,
+        t: &[f64],
+    ) -> Result<Tensor> {
+        if from == Prediction::Velocity {
+            return Ok(pred.clone());
+        }
+        let (a, b) = self.columns(from, x, t)?;
+        Ok((x.broadcast_mul(&a)? + pred.broadcast_mul(&b)?)?)
+    }
+
+    /// Converts a velocity at (x, t) into a prediction of kind `to` (t per row).
+    pub fn from_velocity(
+        &self,
+        to: Prediction,
+        v: &Tensor,
+        x: &Tensor,
+        t: &[f64],
+    ) -> Result<Tensor> {
+        if to == Prediction::Velocity {
+            return Ok(v.clone());
+        }
+        let (a, b) = self.columns(to, x, t)?;
+        Ok((v - x.broadcast_mul(&a)?)?.broadcast_div(&b)?)
+    }
+
+    fn columns(&self, kind: Prediction, like: &Tensor, t: &[f64]) -> Result<(Tensor, Tensor)> {
+        let ab: Vec<(f64, f64)> = t.iter().map(|&t| self.conversion(kind, t)).collect();
+        Ok((
+            column(ab.iter().map(|p| p.0), like)?,
+            column(ab.iter().map(|p| p.1), like)?,
+        ))
+    }
+}
+
+/// A model that predicts `prediction` on `path`, seen as the velocity field of the probability-flow ODE.
+/// This is how every objective samples through the same solvers.
+pub struct AsVelocity<'a, F: crate::model::VelocityField + ?Sized> {
+    pub field: &'a F,
+    pub path: &'a AffinePath,
+    pub prediction: Prediction,
+}
+
+impl<F: crate::model::VelocityField + ?Sized> crate::model::VelocityField for AsVelocity<'_, F> {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let pred = self.field.forward(x, t)?;
+        if self.prediction == Prediction::Velocity {
+            return Ok(pred);
+        }
+        let t: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+        self.path.to_velocity(self.prediction, &pred, x, &t)
+    }
+}
+
+/// A per-row column shaped (B, 1, ..., 1) to broadcast against `like` (dtype and device of `like`).
+pub(crate) fn column(values: impl Iterator<Item = f64>, like: &Tensor) -> Result<Tensor> {
+    let v: Vec<f64> = values.collect();
+    let mut shape = vec![v.len()];
+    shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())?)
+}
+
+/// A tensor of `n` copies of the time `t` (shape (n,)), as models take it.
+pub fn time_tensor(t: f64, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::full(t, n, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{CondOT, Cosine, Polynomial, VP};
+
+    fn paths() -> Vec<AffinePath> {
+        vec![
+            AffinePath::new(Box::new(CondOT::new(1e-5).unwrap())),
+            AffinePath::new(Box::new(VP::default())),
+            AffinePath::new(Box::new(Cosine)),
+            AffinePath::new(Box::new(Polynomial::new(2.0).unwrap())),
+        ]
+    }
+
+    fn randn(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let v = rng.normal_vec(shape.0 * shape.1);
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// d/dt x_t (by central differences of `sample`) equals the conditional velocity.
+    #[test]
+    fn target_is_the_time_derivative_of_x_t() {
+        let (x0, x1) = (randn((5, 3), 1), randn((5, 3), 2));
+        let h = 1e-6;
+        for p in paths() {
+            let t = [0.1, 0.3, 0.5, 0.7, 0.95];
+            let lo: Vec<f64> = t.iter().map(|t| t - h).collect();
+            let hi: Vec<f64> = t.iter().map(|t| t + h).collect();
+            let fd = ((p.sample(&x0, &x1, &hi).unwrap().x_t
+                - p.sample(&x0, &x1, &lo).unwrap().x_t)
+                .unwrap()
+                / (2.0 * h))
+                .unwrap();
+            let s = p.sample(&x0, &x1, &t).unwrap();
+            assert!(max_abs(&fd, &s.dx_t) < 1e-4, "{p:?}");
+        }
+    }
+
+    /// Round trips between velocity and every other prediction type, and the conditional identities:
+    /// given (x0, x1), the x1-form of the target is x1 and the epsilon-form is x0.
+    #[test]
+    fn conversions_are_consistent() {
+        let (x0, x1) = (randn((4, 2), 3), randn((4, 2), 4));
+        let t = [0.2, 0.4, 0.6, 0.8];
+        for p in paths() {
+            let s = p.sample(&x0, &x1, &t).unwrap();
+            let as_x1 = p
+                .from_velocity(Prediction::X1, &s.dx_t, &s.x_t, &t)
+                .unwrap();
+            assert!(max_abs(&as_x1, &x1) < 1e-8, "x1 {p:?}");
+            let as_eps = p
+                .from_velocity(Prediction::Epsilon, &s.dx_t, &s.x_t, &t)
+                .unwrap();
+            assert!(max_abs(&as_eps, &x0) < 1e-8, "eps {p:?}");
+            let sigma = column(t.iter().map(|&t| p.at(t).sigma_t), &x0).unwrap();
+            let score = (x0.broadcast_div(&sigma).unwrap() * -1.0).unwrap();
+            let as_score = p
+                .from_velocity(Prediction::Score, &s.dx_t, &s.x_t, &t)
+                .unwrap();
+            assert!(max_abs(&as_score, &score) < 1e-7, "score {p:?}");
+            for kind in [
+                Prediction::X1,
+                Prediction::Epsilon,
+                Prediction::Score,
+                Prediction::Velocity,
+            ] {
+                let back = p
+                    .to_velocity(
+                        kind,
+                        &p.from_velocity(kind, &s.dx_t, &s.x_t, &t).unwrap(),
+                        &s.x_t,
+                        &t,
+                    )
+                    .unwrap();
+                assert!(max_abs(&back, &s.dx_t) < 1e-8, "{kind:?} {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ot_target_is_constant_in_time() {
+        let p = AffinePath::new(Box::new(CondOT::new(0.01).unwrap()));
+        let (x0, x1) = (randn((3, 2), 5), randn((3, 2), 6));
+        let a = p.sample(&x0, &x1, &[0.1, 0.1, 0.1]).unwrap().dx_t;
+        let b = p.sample(&x0, &x1, &[0.9, 0.9, 0.9]).unwrap().dx_t;
+        assert!(max_abs(&a, &b) < 1e-12);
+        let expect = (&x1 - (&x0 * 0.99).unwrap()).unwrap();
+        assert!(max_abs(&a, &expect) < 1e-12);
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let p = &paths()[0];
+        assert!(p
+            .sample(&randn((2, 2), 1), &randn((3, 2), 1), &[0.5, 0.5])
+            .is_err());
+    }
+}
