@@ -23,6 +23,10 @@ pub enum Command {
     Train(TrainArgs),
     /// Draw samples from a trained model by integrating its ODE.
     Sample(SampleArgs),
+    /// Log-likelihood (NLL in nats, bits/dim) of data under a trained model, by the change of variables.
+    Likelihood(LikelihoodArgs),
+    /// Sample quality against NFE for every solver: the table in the README.
+    Solvers(SolversArgs),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +149,8 @@ pub enum SolverArg {
     Midpoint,
     Heun,
     Rk4,
+    /// Adaptive Dormand-Prince 5(4): steps chosen by --rtol/--atol.
+    Dopri5,
 }
 
 #[derive(Debug, Args)]
@@ -162,13 +168,84 @@ pub struct SampleArgs {
     pub num_samples: usize,
     #[arg(long, value_enum, default_value = "midpoint")]
     pub solver: SolverArg,
-    /// Number of solver steps (NFE = steps x evaluations per step).
+    /// Number of solver steps for fixed-step solvers (NFE = steps x evaluations per step).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    #[command(flatten)]
+    pub tol: ToleranceArgs,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Use the raw weights instead of their moving average.
     #[arg(long)]
     pub raw_weights: bool,
+    /// Also save the paths (<name>.trajectory.npy, T x N x D at 101 times) and plot them
+    /// (<name>.trajectory.png).
+    #[arg(long)]
+    pub trajectory: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ToleranceArgs {
+    /// Relative tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub rtol: f64,
+    /// Absolute tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub atol: f64,
+    /// Control each sample's error separately (its own step sizes), instead of the RMS over the batch.
+    #[arg(long)]
+    pub per_sample: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LikelihoodArgs {
+    /// A checkpoint folder (or its checkpoint.json).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Data to evaluate: a .npy / .csv file, or a built-in set (fresh points are drawn).
+    #[arg(long)]
+    pub data: String,
+    /// Number of points (all rows of a file by default; 10,000 for a built-in set).
+    #[arg(long)]
+    pub num_samples: Option<usize>,
+    /// Exact divergence: one backward pass per dimension (the default).
+    #[arg(long, conflicts_with = "hutchinson")]
+    pub exact: bool,
+    /// Hutchinson's divergence estimate with this many Rademacher probes.
+    #[arg(long, value_name = "K")]
+    pub hutchinson: Option<usize>,
+    #[command(flatten)]
+    pub tol: ToleranceArgs,
+    /// Points per solve.
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Report bits/dim for 8-bit data mapped to model space by this factor per dimension
+    /// (1/256 for [0, 1] images, 2/256 for [-1, 1]).
+    #[arg(long)]
+    pub bits_scale: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub raw_weights: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SolversArgs {
+    /// A checkpoint folder (or its checkpoint.json).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Reference data for the energy distance: a built-in set or a .npy / .csv file.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub num_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the table as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }

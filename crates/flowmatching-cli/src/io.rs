@@ -62,14 +62,15 @@ pub fn read_npy(path: &Path) -> Result<(Vec<f32>, usize)> {
     Ok((c, d))
 }
 
-/// Writes an N x D f32 array as .npy, atomically.
-pub fn write_npy(path: &Path, data: &[f32], dim: usize) -> Result<()> {
+/// Writes an f32 array of the given shape as .npy, atomically.
+pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     use npyz::WriterBuilder;
+    let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
     let mut buf = vec![];
     {
         let mut w = npyz::WriteOptions::new()
             .default_dtype()
-            .shape(&[(data.len() / dim) as u64, dim as u64])
+            .shape(&shape)
             .writer(&mut buf)
             .begin_nd()?;
         w.extend(data.iter().copied())?;
@@ -151,6 +152,25 @@ pub fn open_data(spec: &str) -> Result<Box<dyn DataSource>> {
     Ok(Box::new(TensorDataset::new(data, dim, spec)?))
 }
 
+/// The rows of a data file (`None` for a built-in set).
+pub fn file_rows(spec: &str) -> Result<Option<Vec<f32>>> {
+    if Toy2d::from_name(spec).is_some() {
+        return Ok(None);
+    }
+    let path = Path::new(spec);
+    Ok(Some(
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("npy") => read_npy(path)?.0,
+            _ => read_csv(path)?.0,
+        },
+    ))
+}
+
 /// Creates the output folder, failing clearly when it cannot be written.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
@@ -176,7 +196,7 @@ mod tests {
     #[test]
     fn npy_round_trip() {
         let p = tmp("a.npy");
-        write_npy(&p, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3).unwrap();
+        write_npy(&p, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
         assert_eq!(
             read_npy(&p).unwrap(),
             (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3)

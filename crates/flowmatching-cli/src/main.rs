@@ -20,6 +20,8 @@ fn main() {
         cli::Command::Demo(a) => cmd::demo::run(a),
         cli::Command::Train(a) => cmd::train::run(a),
         cli::Command::Sample(a) => cmd::sample::run(a),
+        cli::Command::Likelihood(a) => cmd::likelihood::run(a),
+        cli::Command::Solvers(a) => cmd::solvers::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -79,3 +79,55 @@ pub fn histograms(
     write_atomic(path, bytes.get_ref())?;
     Ok(())
 }
+
+/// Draws the paths of up to `max_paths` samples (first two coordinates) through `frames` (each frame a
+/// flat N x dim state), coloured from noise (dark) to data (yellow), on a white 600 x 600 canvas.
+pub fn trajectories(path: &Path, frames: &[Vec<f32>], dim: usize, max_paths: usize) -> Result<()> {
+    let size = 600u32;
+    let mut img = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
+    let all: Vec<f32> = frames.iter().flatten().copied().collect();
+    let (lo, hi) = window(&all);
+    let to_px = |v: f32| ((v - lo) / (hi - lo) * (size - 1) as f32).round() as i64;
+    let n = frames.first().map_or(0, |f| f.len() / dim);
+    for i in 0..n.min(max_paths) {
+        for (k, pair) in frames.windows(2).enumerate() {
+            let c = colour(k as f32 / frames.len().max(2) as f32);
+            let (a, b) = (&pair[0][i * dim..], &pair[1][i * dim..]);
+            let y = |p: &[f32]| if dim > 1 { p[1] } else { 0.0 };
+            line(
+                &mut img,
+                (to_px(a[0]), size as i64 - 1 - to_px(y(a))),
+                (to_px(b[0]), size as i64 - 1 - to_px(y(b))),
+                c,
+            );
+        }
+    }
+    let mut bytes = std::io::Cursor::new(vec![]);
+    img.write_to(&mut bytes, image::ImageFormat::Png)?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}
+
+/// Bresenham's line, clipped to the image.
+fn line(img: &mut image::RgbImage, (mut x0, mut y0): (i64, i64), (x1, y1): (i64, i64), c: [u8; 3]) {
+    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+    let mut err = dx + dy;
+    loop {
+        if x0 >= 0 && y0 >= 0 && (x0 as u32) < img.width() && (y0 as u32) < img.height() {
+            img.put_pixel(x0 as u32, y0 as u32, image::Rgb(c));
+        }
+        if x0 == x1 && y0 == y1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x0 += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y0 += sy;
+        }
+    }
+}

@@ -19,6 +19,14 @@ pub fn training_bar(total: u64, start: u64) -> ProgressBar {
     bar
 }
 
+/// A bar counting items (points, samples) with rate and ETA.
+pub fn counter_bar(total: u64, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit} | {{per_sec}} | ETA {{eta}}");
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid template"));
+    bar
+}
+
 /// A flag set when the user presses Ctrl-C (installed once per process).
 pub fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();

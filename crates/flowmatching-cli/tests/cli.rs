@@ -127,6 +127,66 @@ fn train_then_sample_on_user_npy_and_resume() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("s.stats.json")).unwrap()).unwrap();
     assert_eq!(stats["stats"]["nfe"], 20);
+
+    // adaptive sampling with per-sample control and a saved trajectory
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--out",
+        out.to_str().unwrap(),
+        "--num-samples",
+        "30",
+        "--solver",
+        "dopri5",
+        "--rtol",
+        "1e-4",
+        "--atol",
+        "1e-4",
+        "--per-sample",
+        "--trajectory",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.join("s.trajectory.png").exists());
+    assert_eq!(read_npy_len(&dir.join("s.trajectory.npy")), 101 * 30 * 2);
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("s.stats.json")).unwrap()).unwrap();
+    assert!(stats["nfe_per_sample_mean"].as_f64().unwrap() > 0.0);
+
+    // likelihood, exact and Hutchinson, and the solver table
+    let json = dir.join("ll.json");
+    for extra in [&["--exact"][..], &["--hutchinson", "2"][..]] {
+        let o = bin()
+            .args([
+                "likelihood",
+                "--checkpoint",
+                c,
+                "--data",
+                d,
+                "--num-samples",
+                "40",
+                "--out",
+            ])
+            .arg(&json)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(r["num_points"], 40);
+        assert!(r["nll_nats"].as_f64().unwrap().is_finite());
+    }
+    let o = run(&[
+        "solvers",
+        "--checkpoint",
+        c,
+        "--data",
+        d,
+        "--num-samples",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| Dopri5 |"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

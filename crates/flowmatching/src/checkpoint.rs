@@ -174,7 +174,7 @@ impl Checkpoint {
         Ok(trainer)
     }
 
-    /// The model with the EMA weights (`ema = true`) or the raw weights.
+    /// The model (frozen, for inference) with the EMA weights (`ema = true`) or the raw weights.
     pub fn model(&self, device: &Device, ema: bool) -> Result<Model> {
         let prefix = if ema { "ema." } else { "model." };
         let values: HashMap<String, Tensor> = self

@@ -18,6 +18,9 @@ pub enum Error {
     /// Training produced a NaN or an infinity.
     #[error("training diverged at step {step}: {what} is not finite (NaN or Inf); lower the learning rate or enable gradient clipping")]
     NonFinite { step: u64, what: String },
+    /// An ODE solve could not finish; the error holds the last state and where it stopped.
+    #[error("{0}")]
+    SolverStopped(Box<crate::solver::SolveError>),
     /// An I/O error, with the file it concerns.
     #[error("{path}: {source}")]
     Io {

@@ -97,10 +97,13 @@ impl Params {
 }
 
 /// A dense layer y = x W^T + b, initialised as PyTorch does: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+///
+/// The weights are the tensors inside the [`Params`]' variables (same storage), so optimizer updates show
+/// here; [`Linear::frozen`] makes a copy that records no gradients for them.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Var,
-    bias: Var,
+    weight: Tensor,
+    bias: Tensor,
 }
 
 impl Linear {
@@ -117,7 +120,18 @@ impl Linear {
             init.uniform((fan_out, fan_in), bound)?,
         )?;
         let bias = params.add(format!("{name}.bias"), init.uniform(fan_out, bound)?)?;
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+        })
+    }
+
+    /// The same layer with its weights as constants: no parameter gradients are recorded through it.
+    pub fn frozen(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -265,6 +279,15 @@ impl Mlp {
         &self.config
     }
 
+    /// A copy whose weights are constants (for sampling and likelihoods: gradients only w.r.t. inputs).
+    pub fn frozen(&self) -> Self {
+        Self {
+            config: self.config,
+            layers: self.layers.iter().map(Linear::frozen).collect(),
+            freqs: self.freqs.clone(),
+        }
+    }
+
     fn embed_time(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.unsqueeze(1)?;
         Ok(match &self.freqs {
@@ -339,6 +362,16 @@ impl ModelConfig {
 #[derive(Debug, Clone)]
 pub enum Model {
     Mlp(Mlp),
+}
+
+impl Model {
+    /// A copy whose weights are constants: evaluating it records no parameter gradients. Sampling and
+    /// likelihood computations use this.
+    pub fn frozen(&self) -> Model {
+        match self {
+            Model::Mlp(m) => Model::Mlp(m.frozen()),
+        }
+    }
 }
 
 impl VelocityField for Model {

@@ -90,8 +90,7 @@ impl AffinePath {
         let (d_alpha, d_sigma) = (col(|o| o.d_alpha_t)?, col(|o| o.d_sigma_t)?);
         let x_t = (x0.broadcast_mul(&sigma)? + x1.broadcast_mul(&alpha)?)?;
         let dx_t = (x0.broadcast_mul(&d_sigma)? + x1.broadcast_mul(&d_alpha)?)?;
-        let t =
-            Tensor::from_iter(t.iter().map(|&t| t as f32), x1.device())?.to_dtype(x1.dtype())?;
+        let t = Tensor::from_iter(t.iter().copied(), x1.device())?.to_dtype(x1.dtype())?;
         Ok(PathSample { t, x_t, dx_t })
     }
 

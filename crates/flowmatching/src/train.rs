@@ -230,7 +230,7 @@ impl Trainer {
         Ok(value)
     }
 
-    /// A copy of the model with the EMA weights (what sampling uses).
+    /// A frozen copy of the model with the EMA weights (what sampling uses).
     pub fn ema_model(&self) -> Result<Model> {
         let (model, params) =
             self.config
@@ -239,7 +239,7 @@ impl Trainer {
         for ((_, var), e) in params.iter().zip(&self.ema.values) {
             var.set(e)?;
         }
-        Ok(model)
+        Ok(model.frozen())
     }
 
     /// Every tensor of the run's state, named: `model.*`, `ema.*`, `adam.m.*`, `adam.v.*`.

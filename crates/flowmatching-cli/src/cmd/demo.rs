@@ -11,7 +11,7 @@ use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::rng::Rng;
 use flowmatching::scheduler::SchedulerConfig;
-use flowmatching::solver::SolverKind;
+use flowmatching::solver::{SolveOptions, SolverKind};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
@@ -91,12 +91,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
     let model = trainer.ema_model()?;
     let start = Instant::now();
-    let (x, stats) = sample::draw(
+    let opts = SolveOptions::constant(SOLVER_STEPS);
+    let (x, sol) = sample::draw(
         &model,
         trainer.config(),
         a.num_samples,
         SOLVER,
-        SOLVER_STEPS,
+        &opts,
         a.seed + 1,
     )?;
     let sample_seconds = start.elapsed().as_secs_f64();
@@ -114,11 +115,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         final_loss: outcome.last_loss,
         solver: SOLVER,
         solver_steps: SOLVER_STEPS,
-        nfe: stats.nfe,
+        nfe: sol.stats.nfe,
         sample_seconds,
         num_samples: a.num_samples,
     };
-    io::write_npy(&a.out.join("samples.npy"), &x, 2)?;
+    io::write_npy(&a.out.join("samples.npy"), &x, &[a.num_samples, 2])?;
     plot::histograms(
         &a.out.join("samples.png"),
         &[&reference, &x],

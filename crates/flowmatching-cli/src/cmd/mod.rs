@@ -1,5 +1,7 @@
 //! One module per subcommand; each turns parsed arguments into library calls.
 
 pub mod demo;
+pub mod likelihood;
 pub mod sample;
+pub mod solvers;
 pub mod train;
