@@ -27,6 +27,43 @@ pub enum Command {
     Likelihood(LikelihoodArgs),
     /// Sample quality against NFE for every solver: the table in the README.
     Solvers(SolversArgs),
+    /// Time one benchmark workload (our side of bench/run.py); prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Training step, MLP 3-512x4-2 SiLU, batch 4096, Adam.
+    B1,
+    /// Training step, MLP 3-64x3-2 SELU, batch 256, Adam.
+    B2,
+    /// Sampling 50,000 points with midpoint, 20 steps (needs --checkpoint).
+    B3Midpoint,
+    /// Sampling 50,000 points with Dopri5 at rtol = atol = 1e-5 (needs --checkpoint).
+    B3Dopri5,
+    /// Exact-divergence log-likelihood of 10,000 points (needs --checkpoint).
+    B4,
+    /// Training step of the B1 network at --hidden and --batch (the scaling study).
+    Step,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub workload: Workload,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// The B1 model for sampling and likelihood workloads.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub batch: usize,
 }
 
 #[derive(Debug, Args)]

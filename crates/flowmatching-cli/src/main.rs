@@ -22,6 +22,7 @@ fn main() {
         cli::Command::Sample(a) => cmd::sample::run(a),
         cli::Command::Likelihood(a) => cmd::likelihood::run(a),
         cli::Command::Solvers(a) => cmd::solvers::run(a),
+        cli::Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

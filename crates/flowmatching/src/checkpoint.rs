@@ -191,7 +191,7 @@ impl Checkpoint {
             path: self.dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        Ok(model)
+        model.frozen()
     }
 }
 

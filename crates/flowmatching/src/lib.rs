@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod empirical;
 pub mod error;
+pub mod fastmlp;
 pub mod likelihood;
 pub mod metrics;
 pub mod model;

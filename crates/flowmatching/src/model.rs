@@ -12,17 +12,34 @@ use crate::rng::Rng;
 pub trait VelocityField {
     /// v(x, t) for x of shape (B, ...) and t of shape (B,) (t = 0 noise, t = 1 data).
     fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+
+    /// v(x, t) and the Jacobian-vector products (dv/dx) u for each tangent u (shaped like x), if the field
+    /// computes them itself (forward mode). `None`: callers fall back to autograd.
+    fn jvp(
+        &self,
+        _x: &Tensor,
+        _t: &Tensor,
+        _tangents: &[Tensor],
+    ) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        Ok(None)
+    }
 }
 
 impl<F: VelocityField + ?Sized> VelocityField for &F {
     fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         (**self).forward(x, t)
     }
+    fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        (**self).jvp(x, t, u)
+    }
 }
 
 impl<F: VelocityField + ?Sized> VelocityField for Box<F> {
     fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         (**self).forward(x, t)
+    }
+    fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        (**self).jvp(x, t, u)
     }
 }
 
@@ -288,6 +305,14 @@ impl Mlp {
         }
     }
 
+    /// The weights in [`Params`] order.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.weight.clone(), l.bias.clone()])
+            .collect()
+    }
+
     fn embed_time(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.unsqueeze(1)?;
         Ok(match &self.freqs {
@@ -362,15 +387,21 @@ impl ModelConfig {
 #[derive(Debug, Clone)]
 pub enum Model {
     Mlp(Mlp),
+    /// An MLP evaluated by the fused CPU engine (inference only; see [`Model::frozen`]).
+    FastMlp(crate::fastmlp::FastMlp),
 }
 
 impl Model {
-    /// A copy whose weights are constants: evaluating it records no parameter gradients. Sampling and
-    /// likelihood computations use this.
-    pub fn frozen(&self) -> Model {
-        match self {
+    /// A copy for inference: weights as constants (no parameter gradients) and, for an MLP on the CPU,
+    /// the fused engine. Sampling and likelihood computations use this.
+    pub fn frozen(&self) -> Result<Model> {
+        Ok(match self {
+            Model::Mlp(m) if m.layers[0].weight.device().is_cpu() => Model::FastMlp(
+                crate::fastmlp::FastMlp::from_tensors(*m.config(), &m.tensors())?,
+            ),
             Model::Mlp(m) => Model::Mlp(m.frozen()),
-        }
+            Model::FastMlp(m) => Model::FastMlp(m.clone()),
+        })
     }
 }
 
@@ -378,6 +409,14 @@ impl VelocityField for Model {
     fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         match self {
             Model::Mlp(m) => m.forward(x, t),
+            Model::FastMlp(m) => m.forward(x, t),
+        }
+    }
+
+    fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        match self {
+            Model::Mlp(m) => m.jvp(x, t, u),
+            Model::FastMlp(m) => m.jvp(x, t, u),
         }
     }
 }

@@ -94,6 +94,46 @@ impl AffinePath {
         Ok(PathSample { t, x_t, dx_t })
     }
 
+    /// x_t and the regression target for `prediction`, on flat row-major host buffers (rows of `dim`):
+    /// the same values as [`AffinePath::sample`] followed by the conversion of the velocity target
+    /// (x1 for [`Prediction::X1`], x0 for [`Prediction::Epsilon`], -x0 / sigma_t for [`Prediction::Score`]).
+    pub fn sample_rows(
+        &self,
+        x0: &[f32],
+        x1: &[f32],
+        t: &[f64],
+        dim: usize,
+        prediction: Prediction,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut x_t = vec![0.0; x0.len()];
+        let mut target = vec![0.0; x0.len()];
+        for (i, &ti) in t.iter().enumerate() {
+            let o = self.scheduler.at(ti);
+            let (al, si, da, ds) = (
+                o.alpha_t as f32,
+                o.sigma_t as f32,
+                o.d_alpha_t as f32,
+                o.d_sigma_t as f32,
+            );
+            let r = i * dim..(i + 1) * dim;
+            for (((xt, y), &a), &b) in x_t[r.clone()]
+                .iter_mut()
+                .zip(&mut target[r.clone()])
+                .zip(&x0[r.clone()])
+                .zip(&x1[r])
+            {
+                *xt = a * si + b * al;
+                *y = match prediction {
+                    Prediction::Velocity => a * ds + b * da,
+                    Prediction::X1 => b,
+                    Prediction::Epsilon => a,
+                    Prediction::Score => -a / si,
+                };
+            }
+        }
+        (x_t, target)
+    }
+
     /// Coefficients (a, b) with velocity = a x + b prediction at time t.
     pub fn conversion(&self, from: Prediction, t: f64) -> (f64, f64) {
         let o = self.scheduler.at(t);
@@ -161,6 +201,25 @@ impl<F: crate::model::VelocityField + ?Sized> crate::model::VelocityField for As
         }
         let t: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
         self.path.to_velocity(self.prediction, &pred, x, &t)
+    }
+
+    /// v = a(t) x + b(t) pred, so J_v u = a(t) u + b(t) J_pred u.
+    fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        let Some((pred, jp)) = self.field.jvp(x, t, u)? else {
+            return Ok(None);
+        };
+        if self.prediction == Prediction::Velocity {
+            return Ok(Some((pred, jp)));
+        }
+        let tv: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+        let (a, b) = self.path.columns(self.prediction, x, &tv)?;
+        let v = (x.broadcast_mul(&a)? + pred.broadcast_mul(&b)?)?;
+        let jv = u
+            .iter()
+            .zip(jp)
+            .map(|(u, j)| Ok((u.broadcast_mul(&a)? + j.broadcast_mul(&b)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some((v, jv)))
     }
 }
 
@@ -273,6 +332,41 @@ mod tests {
                     )
                     .unwrap();
                 assert!(max_abs(&back, &s.dx_t) < 1e-8, "{kind:?} {p:?}");
+            }
+        }
+    }
+
+    /// The host version gives the tensor version's values for every prediction type.
+    #[test]
+    fn host_sampling_matches_tensors() {
+        let mut rng = crate::rng::Rng::new(8);
+        let (x0v, x1v) = (rng.normal_vec(12), rng.normal_vec(12));
+        let x0 = Tensor::from_vec(x0v.clone(), (4, 3), &Device::Cpu).unwrap();
+        let x1 = Tensor::from_vec(x1v.clone(), (4, 3), &Device::Cpu).unwrap();
+        let t = [0.1, 0.4, 0.6, 0.9];
+        for p in paths() {
+            let s = p.sample(&x0, &x1, &t).unwrap();
+            for kind in [
+                Prediction::Velocity,
+                Prediction::X1,
+                Prediction::Epsilon,
+                Prediction::Score,
+            ] {
+                let (xt, y) = p.sample_rows(&x0v, &x1v, &t, 3, kind);
+                let want_xt: Vec<f32> = s.x_t.flatten_all().unwrap().to_vec1().unwrap();
+                let want_y: Vec<f32> = p
+                    .from_velocity(kind, &s.dx_t, &s.x_t, &t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (a, b) in xt.iter().zip(&want_xt).chain(y.iter().zip(&want_y)) {
+                    assert!(
+                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{kind:?} {p:?}: {a} vs {b}"
+                    );
+                }
             }
         }
     }

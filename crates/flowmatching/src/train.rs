@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, Params, VelocityField};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::fastmlp::{ema_update, FlatAdamW, MlpEngine};
 use crate::optim::{clip_grad_norm, scheduled_lr, AdamW, AdamWConfig, Ema, LrDecay};
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
@@ -38,7 +41,7 @@ pub struct TrainConfig {
     pub lr_decay: LrDecay,
     /// Clip the global gradient norm to this value (None: no clipping).
     pub grad_clip: Option<f64>,
-    /// EMA decay of the weights used for sampling.
+    /// EMA decay of the weights used for sampling (0: no averaging, sampling uses the raw weights).
     pub ema_decay: f64,
     pub seed: u64,
 }
@@ -102,6 +105,30 @@ impl RunConfig {
     }
 }
 
+/// Which implementation computes the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// The fused CPU MLP engine where it applies (an MLP on the CPU), candle otherwise.
+    #[default]
+    Auto,
+    /// candle's autograd, always.
+    Candle,
+}
+
+/// The state that the training step updates, in one of two representations.
+#[derive(Debug)]
+enum Engine {
+    /// Parameters in the candle variables, autograd gradients.
+    Candle { opt: AdamW, ema: Ema },
+    /// Flat buffers of the fused MLP engine; the candle variables are refreshed on demand.
+    Fast {
+        mlp: Box<MlpEngine>,
+        opt: FlatAdamW,
+        ema: Vec<f32>,
+        synced: AtomicBool,
+    },
+}
+
 /// Owns the model, optimizer, EMA and random streams of one run.
 #[derive(Debug)]
 pub struct Trainer {
@@ -109,8 +136,7 @@ pub struct Trainer {
     model: Model,
     params: Params,
     path: AffinePath,
-    opt: AdamW,
-    ema: Ema,
+    engine: Engine,
     rng_data: Rng,
     rng_noise: Rng,
     step: u64,
@@ -118,19 +144,38 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A fresh run: weights drawn from the seed.
+    /// A fresh run: weights drawn from the seed; the fastest engine that applies.
     pub fn new(config: RunConfig, device: &Device) -> Result<Self> {
+        Self::with_engine(config, device, EngineKind::Auto)
+    }
+
+    /// A fresh run on a chosen engine.
+    pub fn with_engine(config: RunConfig, device: &Device, kind: EngineKind) -> Result<Self> {
         config.validate()?;
         let root = Rng::new(config.train.seed);
         let (model, params) = config.model.build(&mut root.fork(0), device, DType::F32)?;
-        let opt = AdamW::new(&params, config.train.optimizer)?;
-        let ema = Ema::new(&params, config.train.ema_decay)?;
+        let engine = match (&config.model, kind, device.is_cpu()) {
+            (ModelConfig::Mlp(cfg), EngineKind::Auto, true) => {
+                config.train.optimizer.validate()?;
+                let mlp = MlpEngine::new(*cfg, &params)?;
+                let n = mlp.num_params();
+                Engine::Fast {
+                    opt: FlatAdamW::new(n, config.train.optimizer),
+                    ema: mlp.params.clone(),
+                    mlp: Box::new(mlp),
+                    synced: AtomicBool::new(true),
+                }
+            }
+            _ => Engine::Candle {
+                opt: AdamW::new(&params, config.train.optimizer)?,
+                ema: Ema::new(&params, config.train.ema_decay)?,
+            },
+        };
         Ok(Self {
             path: AffinePath::from_config(&config.path)?,
             model,
             params,
-            opt,
-            ema,
+            engine,
             rng_data: root.fork(1),
             rng_noise: root.fork(2),
             step: 0,
@@ -143,16 +188,39 @@ impl Trainer {
         &self.config
     }
 
+    /// Which engine runs the steps.
+    pub fn engine(&self) -> EngineKind {
+        match self.engine {
+            Engine::Candle { .. } => EngineKind::Candle,
+            Engine::Fast { .. } => EngineKind::Auto,
+        }
+    }
+
     /// Steps taken so far.
     pub fn step_count(&self) -> u64 {
         self.step
     }
 
+    /// Copies the fast engine's parameters into the candle variables if they changed.
+    fn sync(&self) -> Result<()> {
+        if let Engine::Fast { mlp, synced, .. } = &self.engine {
+            if !synced.swap(true, Ordering::SeqCst) {
+                mlp.store(&mlp.params, &self.params)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The model with the current (raw) weights; it shares storage with the trainer's parameters.
     pub fn model(&self) -> &Model {
+        self.sync()
+            .expect("copying parameters between buffers of the same shapes");
         &self.model
     }
 
     pub fn params(&self) -> &Params {
+        self.sync()
+            .expect("copying parameters between buffers of the same shapes");
         &self.params
     }
 
@@ -172,7 +240,7 @@ impl Trainer {
     /// The CFM loss for given noise, data and times (no update): mean squared error of the prediction
     /// against the path's target in the configured prediction form.
     pub fn loss(&self, x0: &Tensor, x1: &Tensor, t: &[f64]) -> Result<Tensor> {
-        cfm_loss(&self.model, &self.path, self.config.prediction, x0, x1, t)
+        cfm_loss(self.model(), &self.path, self.config.prediction, x0, x1, t)
     }
 
     /// One optimizer step on a fresh minibatch; returns the loss before the update.
@@ -185,38 +253,10 @@ impl Trainer {
             )));
         }
         let b = self.config.train.batch_size;
-        let x1 = Tensor::from_vec(data.sample(&mut self.rng_data, b), (b, dim), &self.device)?;
-        let x0 = Tensor::from_vec(self.rng_noise.normal_vec(b * dim), (b, dim), &self.device)?;
+        let x1 = data.sample(&mut self.rng_data, b);
+        let x0 = self.rng_noise.normal_vec(b * dim);
         let t = self.rng_noise.uniform_vec(b);
-        let loss = self.loss(&x0, &x1, &t)?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            return Err(Error::NonFinite {
-                step: self.step,
-                what: "the loss".into(),
-            });
-        }
-        let grads = loss.backward()?;
-        let mut g = self
-            .params
-            .iter()
-            .map(|(name, v)| {
-                grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| Error::Config(format!("no gradient for {name}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(max) = self.config.train.grad_clip {
-            let norm = clip_grad_norm(&mut g, max)?;
-            if !norm.is_finite() {
-                return Err(Error::NonFinite {
-                    step: self.step,
-                    what: "the gradient norm".into(),
-                });
-            }
-        }
-        let c = &self.config.train;
+        let c = self.config.train;
         let lr = scheduled_lr(
             c.optimizer.lr,
             self.step,
@@ -224,8 +264,88 @@ impl Trainer {
             c.steps,
             c.lr_decay,
         );
-        self.opt.step(&self.params, &g, lr)?;
-        self.ema.update(&self.params)?;
+        let step = self.step;
+        let value = match &mut self.engine {
+            Engine::Candle { opt, ema } => {
+                let x1 = Tensor::from_vec(x1, (b, dim), &self.device)?;
+                let x0 = Tensor::from_vec(x0, (b, dim), &self.device)?;
+                let loss = cfm_loss(
+                    &self.model,
+                    &self.path,
+                    self.config.prediction,
+                    &x0,
+                    &x1,
+                    &t,
+                )?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    return Err(Error::NonFinite {
+                        step,
+                        what: "the loss".into(),
+                    });
+                }
+                let grads = loss.backward()?;
+                let mut g = self
+                    .params
+                    .iter()
+                    .map(|(name, v)| {
+                        grads
+                            .get(v.as_tensor())
+                            .cloned()
+                            .ok_or_else(|| Error::Config(format!("no gradient for {name}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(max) = c.grad_clip {
+                    if !clip_grad_norm(&mut g, max)?.is_finite() {
+                        return Err(Error::NonFinite {
+                            step,
+                            what: "the gradient norm".into(),
+                        });
+                    }
+                }
+                opt.step(&self.params, &g, lr)?;
+                if c.ema_decay > 0.0 {
+                    ema.update(&self.params)?;
+                }
+                value
+            }
+            Engine::Fast {
+                mlp,
+                opt,
+                ema,
+                synced,
+            } => {
+                let (xt, target) = self
+                    .path
+                    .sample_rows(&x0, &x1, &t, dim, self.config.prediction);
+                let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+                mlp.forward_train(&xt, &tf);
+                let value = mlp.mse_backward(&target);
+                if !value.is_finite() {
+                    return Err(Error::NonFinite {
+                        step,
+                        what: "the loss".into(),
+                    });
+                }
+                let norm = match c.grad_clip {
+                    Some(max) => mlp.clip(max),
+                    None => 0.0,
+                };
+                if !norm.is_finite() {
+                    return Err(Error::NonFinite {
+                        step,
+                        what: "the gradient norm".into(),
+                    });
+                }
+                let mlp = &mut **mlp;
+                opt.step(&mut mlp.params, &mlp.grads, lr);
+                if c.ema_decay > 0.0 {
+                    ema_update(ema, &mlp.params, c.ema_decay);
+                }
+                synced.store(false, Ordering::SeqCst);
+                value
+            }
+        };
         self.step += 1;
         Ok(value)
     }
@@ -236,24 +356,48 @@ impl Trainer {
             self.config
                 .model
                 .build(&mut Rng::new(0), &self.device, DType::F32)?;
-        for ((_, var), e) in params.iter().zip(&self.ema.values) {
-            var.set(e)?;
+        for ((_, var), e) in params.iter().zip(self.ema_values()?) {
+            var.set(&e)?;
         }
-        Ok(model.frozen())
+        model.frozen()
+    }
+
+    /// The averaged weights (the weights themselves when averaging is off).
+    fn ema_values(&self) -> Result<Vec<Tensor>> {
+        if self.config.train.ema_decay == 0.0 {
+            return self
+                .params()
+                .vars()
+                .map(|v| Ok(v.as_tensor().copy()?.detach()))
+                .collect();
+        }
+        match &self.engine {
+            Engine::Candle { ema, .. } => Ok(ema.values.clone()),
+            Engine::Fast { ema, .. } => split(ema, &self.params),
+        }
     }
 
     /// Every tensor of the run's state, named: `model.*`, `ema.*`, `adam.m.*`, `adam.v.*`.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = self
-            .params
+            .params()
             .snapshot()?
             .into_iter()
             .map(|(n, t)| (format!("model.{n}"), t))
             .collect();
-        for ((name, _), e) in self.params.iter().zip(&self.ema.values) {
-            out.push((format!("ema.{name}"), e.clone()));
+        for ((name, _), e) in self.params.iter().zip(self.ema_values()?) {
+            out.push((format!("ema.{name}"), e));
         }
-        out.extend(self.opt.state(&self.params));
+        match &self.engine {
+            Engine::Candle { opt, .. } => out.extend(opt.state(&self.params)),
+            Engine::Fast { opt, .. } => {
+                let (m, v) = (split(&opt.m, &self.params)?, split(&opt.v, &self.params)?);
+                for (((name, _), m), v) in self.params.iter().zip(m).zip(v) {
+                    out.push((format!("adam.m.{name}"), m));
+                    out.push((format!("adam.v.{name}"), v));
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -283,16 +427,86 @@ impl Trainer {
                 .collect::<std::collections::HashMap<_, _>>()
         };
         self.params.load(&prefixed("model."))?;
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            self.ema.values[i] = get(&format!("ema.{name}"))?;
+        let named = |prefix: &str| -> Result<Vec<Tensor>> {
+            self.params
+                .iter()
+                .map(|(name, _)| get(&format!("{prefix}{name}")))
+                .collect()
+        };
+        let ema_values = named("ema.")?;
+        match &mut self.engine {
+            Engine::Candle { opt, ema } => {
+                ema.values = ema_values;
+                opt.load_state(&self.params, &get, step)?;
+            }
+            Engine::Fast {
+                mlp,
+                opt,
+                ema,
+                synced,
+            } => {
+                mlp.load(&self.params)?;
+                *ema = concat(&ema_values)?;
+                opt.m = concat(&named("adam.m.")?)?;
+                opt.v = concat(&named("adam.v.")?)?;
+                opt.steps = step;
+                synced.store(true, Ordering::SeqCst);
+                if ema.len() != mlp.num_params()
+                    || opt.m.len() != ema.len()
+                    || opt.v.len() != ema.len()
+                {
+                    return Err(Error::Data(
+                        "the saved optimizer state does not match the model".into(),
+                    ));
+                }
+            }
         }
-        self.opt.load_state(&self.params, &get, step)?;
         let bad = || Error::Data("the saved random-generator state is unreadable".into());
         self.rng_data = Rng::from_state(rng_data).ok_or_else(bad)?;
         self.rng_noise = Rng::from_state(rng_noise).ok_or_else(bad)?;
         self.step = step;
         Ok(())
     }
+}
+
+/// Flat values cut into tensors shaped like `params` (in their order).
+fn split(flat: &[f32], params: &Params) -> Result<Vec<Tensor>> {
+    let mut off = 0;
+    params
+        .vars()
+        .map(|v| {
+            let n = v.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?;
+            off += n;
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Tensors flattened and joined into one f32 vector.
+fn concat(tensors: &[Tensor]) -> Result<Vec<f32>> {
+    let mut out = vec![];
+    for t in tensors {
+        out.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// What the network regresses onto for its prediction type.
+fn regression_target(
+    path: &AffinePath,
+    prediction: Prediction,
+    x0: &Tensor,
+    x1: &Tensor,
+    s: &crate::path::PathSample,
+    t: &[f64],
+) -> Result<Tensor> {
+    Ok(match prediction {
+        Prediction::Velocity => s.dx_t.clone(),
+        Prediction::X1 => x1.clone(),
+        Prediction::Epsilon => x0.clone(),
+        other => path.from_velocity(other, &s.dx_t, &s.x_t, t)?,
+    })
 }
 
 /// The (unweighted) CFM regression loss of `model` for given noise, data and per-row times.
@@ -305,12 +519,7 @@ pub fn cfm_loss(
     t: &[f64],
 ) -> Result<Tensor> {
     let s = path.sample(x0, x1, t)?;
-    let target = match prediction {
-        Prediction::Velocity => s.dx_t,
-        Prediction::X1 => x1.clone(),
-        Prediction::Epsilon => x0.clone(),
-        other => path.from_velocity(other, &s.dx_t, &s.x_t, t)?,
-    };
+    let target = regression_target(path, prediction, x0, x1, &s, t)?;
     let pred = model.forward(&s.x_t, &s.t)?;
     Ok((pred - target)?.sqr()?.mean_all()?)
 }
@@ -352,6 +561,45 @@ pub(crate) mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    /// The fused engine and candle's autograd train the same run to the same losses (up to rounding).
+    #[test]
+    fn engines_agree() {
+        let mut cfg = small_config(30);
+        cfg.train.optimizer.weight_decay = 0.01;
+        cfg.train.grad_clip = Some(0.5);
+        cfg.train.ema_decay = 0.9;
+        let mut fast = Trainer::with_engine(cfg.clone(), &Device::Cpu, EngineKind::Auto).unwrap();
+        let mut slow = Trainer::with_engine(cfg, &Device::Cpu, EngineKind::Candle).unwrap();
+        assert_eq!(fast.engine(), EngineKind::Auto);
+        assert_eq!(slow.engine(), EngineKind::Candle);
+        for i in 0..30 {
+            let (a, b) = (
+                fast.step(&Toy2d::Moons).unwrap(),
+                slow.step(&Toy2d::Moons).unwrap(),
+            );
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "step {i}: {a} vs {b}"
+            );
+        }
+        for ((n, x), (_, y)) in fast
+            .state_tensors()
+            .unwrap()
+            .iter()
+            .zip(slow.state_tensors().unwrap().iter())
+        {
+            let d: f32 = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-3, "{n}: {d}");
+        }
     }
 
     #[test]

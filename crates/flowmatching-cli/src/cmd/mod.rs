@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into library calls.
 
+pub mod bench;
 pub mod demo;
 pub mod likelihood;
 pub mod sample;

@@ -1,0 +1,153 @@
+"""The PyTorch peers' side of the benchmarks: the same workloads as `flowmatching bench`.
+
+Usage: .venv/bin/python peers.py WORKLOAD [--iters N] [--warmup N] [--checkpoint DIR]
+Prints one JSON line like `flowmatching bench`. Defaults are the libraries' own (float32, all cores).
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from flow_matching.path import AffineProbPath
+from flow_matching.path.scheduler import CondOTScheduler
+from flow_matching.solver import ODESolver
+from flow_matching.utils import ModelWrapper
+
+
+def checkerboard(n, device="cpu"):
+    """flow_matching's 2-D example data."""
+    x1 = torch.rand(n, device=device) * 4 - 2
+    x2_ = torch.rand(n, device=device) - torch.randint(high=2, size=(n,), device=device) * 2
+    x2 = x2_ + (torch.floor(x1) % 2)
+    return torch.cat([x1[:, None], x2[:, None]], dim=1) / 0.45
+
+
+class MLP(nn.Module):
+    """(x, t) -> hidden (x depth) -> x, like flow_matching's and torchcfm's 2-D examples."""
+
+    def __init__(self, hidden, depth, act):
+        super().__init__()
+        layers, fan_in = [], 3
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, hidden), act()]
+            fan_in = hidden
+        layers.append(nn.Linear(fan_in, 2))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x, t):
+        t = t.reshape(-1, 1).expand(x.shape[0], 1)
+        return self.layers(torch.cat([x, t], dim=1))
+
+
+def load(model, checkpoint):
+    """Weights from one of our checkpoints (safetensors names layers.i.weight / layers.i.bias)."""
+    from safetensors.torch import load_file
+
+    meta = json.load(open(f"{checkpoint}/checkpoint.json"))
+    tensors = load_file(f"{checkpoint}/{meta['weights_file']}")
+    linears = [m for m in model.layers if isinstance(m, nn.Linear)]
+    for i, lin in enumerate(linears):
+        lin.weight.data.copy_(tensors[f"model.layers.{i}.weight"])
+        lin.bias.data.copy_(tensors[f"model.layers.{i}.bias"])
+    return model
+
+
+def train_step_fn(hidden, depth, batch, act, sigma_min):
+    model = MLP(hidden, depth, act)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    path = AffineProbPath(scheduler=CondOTScheduler())
+
+    def step():
+        x1 = checkerboard(batch)
+        x0 = torch.randn_like(x1)
+        t = torch.rand(batch)
+        if sigma_min is None:  # flow_matching's example
+            s = path.sample(t=t, x_0=x0, x_1=x1)
+            xt, ut = s.x_t, s.dx_t
+        else:  # torchcfm's ConditionalFlowMatcher with sigma = 0
+            tt = t[:, None]
+            xt, ut = tt * x1 + (1 - tt) * x0, x1 - x0
+        loss = torch.pow(model(xt, t) - ut, 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return None
+
+    return step
+
+
+class Counting(ModelWrapper):
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = 0
+
+    def forward(self, x, t, **extras):
+        self.calls += 1
+        return self.model(x, t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workload")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4096)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    w = a.workload
+    nfe = None
+    if w == "b1":
+        fn = train_step_fn(512, 4, 4096, nn.SiLU, None)
+    elif w == "b2":
+        fn = train_step_fn(64, 3, 256, nn.SELU, 0.0)
+    elif w == "step":
+        fn = train_step_fn(a.hidden, 4, a.batch, nn.SiLU, None)
+    else:
+        model = load(MLP(512, 4, nn.SiLU), a.checkpoint).eval()
+        wrapped = Counting(model)
+        solver = ODESolver(velocity_model=wrapped)
+        if w in ("b3-midpoint", "b3-dopri5"):
+            x0 = torch.randn(50_000, 2)
+
+            def fn():
+                wrapped.calls = 0
+                with torch.no_grad():
+                    if w == "b3-midpoint":
+                        solver.sample(x_init=x0, method="midpoint", step_size=0.05, time_grid=torch.tensor([0.0, 1.0]))
+                    else:
+                        solver.sample(x_init=x0, method="dopri5", step_size=None, atol=1e-5, rtol=1e-5,
+                                      time_grid=torch.tensor([0.0, 1.0]))
+                return wrapped.calls
+        elif w == "b4":
+            x1 = checkerboard(10_000)
+            d = x1.shape[1]
+
+            def log_p0(x):
+                return -0.5 * (x ** 2).sum(1) - 0.5 * d * torch.log(torch.tensor(2 * torch.pi))
+
+            def fn():
+                wrapped.calls = 0
+                solver.compute_likelihood(x_1=x1, log_p0=log_p0, step_size=None, method="dopri5", atol=1e-5,
+                                          rtol=1e-5, exact_divergence=True, time_grid=torch.tensor([1.0, 0.0]))
+                return wrapped.calls
+        else:
+            raise SystemExit(f"unknown workload {w}")
+    for _ in range(a.warmup):
+        fn()
+    times = []
+    for _ in range(a.iters):
+        start = time.perf_counter()
+        nfe = fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    name = f"step-h{a.hidden}-b{a.batch}" if w == "step" else w
+    print(json.dumps({"workload": name, "impl": "pytorch", "median_ms": statistics.median(times), "times_ms": times,
+                      "nfe": nfe, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Runs our benchmarks and the PyTorch peers' side by side, interleaved (A B A B ...), and prints medians
+and the ratio peer / ours (above 1: we are faster).
+
+Usage (after ./setup.sh):  .venv/bin/python run.py [--rounds 3] [--workloads b1 b2 b3-midpoint ...]
+It builds `flowmatching` in release mode, trains the B1 model once (bench/out/b1-model) for the sampling
+and likelihood workloads, and writes bench/out/results.json and bench/out/results.md.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OURS = ROOT / "target" / "release" / "flowmatching"
+PEERS = [sys.executable, str(HERE / "peers.py")]
+OUT = HERE / "out"
+MODEL = OUT / "b1-model"
+
+# workload -> (iterations per process, warm-up iterations)
+WORKLOADS = {
+    "b1": (5, 2),
+    "b2": (200, 20),
+    "b3-midpoint": (3, 1),
+    "b3-dopri5": (3, 1),
+    "b4": (2, 1),
+}
+SCALING = [("step", h, b) for h in (64, 256, 1024) for b in (256, 4096, 16384)]
+
+
+def run(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_rss_kb(cmd):
+    """Peak resident memory of a command, via GNU time."""
+    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, cwd=ROOT)
+    return int(r.stderr.strip().splitlines()[-1]) if r.returncode == 0 else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--scaling", action="store_true", help="also the B1 step at several widths and batches")
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-p", "flowmatching-cli"], check=True, cwd=ROOT)
+    OUT.mkdir(exist_ok=True)
+    if not (MODEL / "checkpoint.json").exists() and any(w.startswith(("b3", "b4")) for w in a.workloads):
+        subprocess.run([str(OURS), "train", "--data", "checkerboard", "--out", str(MODEL), "--hidden", "512",
+                        "--depth", "4", "--batch-size", "4096", "--steps", "300", "--ema-decay", "0"],
+                       check=True, cwd=ROOT)
+    jobs = [(w, [], *WORKLOADS[w]) for w in a.workloads]
+    if a.scaling:
+        jobs += [(f"step-h{h}-b{b}", ["--hidden", str(h), "--batch", str(b)], 3, 1) for (_, h, b) in SCALING]
+    results = []
+    for name, extra, iters, warmup in jobs:
+        kind = "step" if name.startswith("step") else name
+        common = [kind, "--iters", str(iters), "--warmup", str(warmup)] + extra
+        if name.startswith(("b3", "b4")):
+            common += ["--checkpoint", str(MODEL)]
+        ours_cmd, peer_cmd = [str(OURS), "bench"] + common, PEERS + common
+        ours, peer = [], []
+        for _ in range(a.rounds):
+            ours.append(run(ours_cmd))
+            peer.append(run(peer_cmd))
+        o = statistics.median(r["median_ms"] for r in ours)
+        p = statistics.median(r["median_ms"] for r in peer)
+        row = {"workload": name, "ours_ms": o, "peer_ms": p, "ratio": p / o,
+               "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"]}
+        if name in ("b1",) or name.startswith("step"):
+            row["ours_peak_rss_kb"] = peak_rss_kb(ours_cmd)
+            row["peer_peak_rss_kb"] = peak_rss_kb(peer_cmd)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    info = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "rounds": a.rounds}
+    (OUT / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    lines = ["| workload | flowmatching (ms) | PyTorch peer (ms) | ratio peer/ours | NFE ours / peer |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        nfe = f"{r['ours_nfe']} / {r['peer_nfe']}" if r["ours_nfe"] is not None else ""
+        lines.append(f"| {r['workload']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f} | {nfe} |")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+//! `flowmatching bench`: our side of the benchmarks in bench/ (the runner there times the PyTorch peers
+//! on the same workloads, interleaved). Prints one JSON line per workload.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use flowmatching::checkpoint::Checkpoint;
+use flowmatching::data::{DataSource, Toy2d};
+use flowmatching::likelihood::{log_likelihood, LikelihoodOptions};
+use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::optim::{AdamWConfig, LrDecay};
+use flowmatching::path::Prediction;
+use flowmatching::rng::Rng;
+use flowmatching::scheduler::SchedulerConfig;
+use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind};
+use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+use serde::Serialize;
+
+use crate::cli::{BenchArgs, Workload};
+
+#[derive(Serialize)]
+struct Timing {
+    workload: String,
+    impl_: &'static str,
+    median_ms: f64,
+    times_ms: Vec<f64>,
+    nfe: Option<usize>,
+    threads: usize,
+}
+
+/// A training step as the peers run it: Adam (no weight decay), no clipping, no EMA, constant lr.
+pub fn train_config(
+    hidden: usize,
+    depth: usize,
+    batch: usize,
+    activation: Activation,
+) -> RunConfig {
+    RunConfig {
+        format_version: FORMAT_VERSION,
+        model: ModelConfig::Mlp(MlpConfig {
+            dim: 2,
+            hidden,
+            depth,
+            time_embedding: TimeEmbedding::Input,
+            activation,
+        }),
+        path: SchedulerConfig::CondOt { sigma_min: 0.0 },
+        prediction: Prediction::Velocity,
+        train: TrainConfig {
+            steps: u64::MAX,
+            batch_size: batch,
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                ..Default::default()
+            },
+            warmup_steps: 0,
+            lr_decay: LrDecay::Constant,
+            grad_clip: None,
+            ema_decay: 0.0,
+            seed: 0,
+        },
+        data: "checkerboard".into(),
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// Times `f` `iters` times after `warmup` untimed calls; returns milliseconds and the last NFE.
+fn time(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<Option<usize>>,
+) -> Result<(Vec<f64>, Option<usize>)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = vec![];
+    let mut nfe = None;
+    for _ in 0..iters {
+        let start = Instant::now();
+        nfe = f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((times, nfe))
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let dev = Device::Cpu;
+    let (name, (times, nfe)) = match a.workload {
+        Workload::B1 | Workload::B2 | Workload::Step => {
+            let cfg = match a.workload {
+                Workload::B1 => train_config(512, 4, 4096, Activation::Silu),
+                Workload::B2 => train_config(64, 3, 256, Activation::Selu),
+                _ => train_config(a.hidden, 4, a.batch, Activation::Silu),
+            };
+            let mut trainer = Trainer::new(cfg, &dev)?;
+            let data = Toy2d::Checkerboard;
+            let name = match a.workload {
+                Workload::Step => format!("step-h{}-b{}", a.hidden, a.batch),
+                w => format!("{w:?}").to_lowercase(),
+            };
+            (
+                name,
+                time(a.warmup, a.iters, || {
+                    trainer.step(&data).map(|_| None).map_err(Into::into)
+                })?,
+            )
+        }
+        Workload::B3Midpoint | Workload::B3Dopri5 | Workload::B4 => {
+            let Some(ck) = &a.checkpoint else {
+                bail!("this workload needs --checkpoint (the B1 model)")
+            };
+            let ckpt = Checkpoint::load(ck, &dev)?;
+            let model = ckpt.model(&dev, false)?;
+            let dopri = Adaptive::new(1e-5, 1e-5)?;
+            match a.workload {
+                Workload::B4 => {
+                    let x = Tensor::from_vec(
+                        Toy2d::Checkerboard.sample(&mut Rng::new(1), 10_000),
+                        (10_000, 2),
+                        &dev,
+                    )?;
+                    let opts = LikelihoodOptions::default();
+                    let r = time(a.warmup, a.iters, || {
+                        Ok(Some(log_likelihood(&model, &x, &opts)?.stats.nfe))
+                    })?;
+                    ("b4".into(), r)
+                }
+                w => {
+                    let x0 = Tensor::from_vec(Rng::new(1).normal_vec(100_000), (50_000, 2), &dev)?;
+                    let (kind, opts, name) = if w == Workload::B3Midpoint {
+                        (
+                            SolverKind::Midpoint,
+                            SolveOptions::constant(20),
+                            "b3-midpoint",
+                        )
+                    } else {
+                        (
+                            SolverKind::Dopri5,
+                            SolveOptions::adaptive(dopri),
+                            "b3-dopri5",
+                        )
+                    };
+                    let solver = kind.solver();
+                    let r = time(a.warmup, a.iters, || {
+                        Ok(Some(
+                            solve(&model, solver.as_ref(), &x0, 0.0, 1.0, &opts)?
+                                .stats
+                                .nfe,
+                        ))
+                    })?;
+                    (name.into(), r)
+                }
+            }
+        }
+    };
+    let t = Timing {
+        workload: name,
+        impl_: "flowmatching",
+        median_ms: median(&times),
+        times_ms: times,
+        nfe,
+        threads: candle_core::utils::get_num_threads(),
+    };
+    println!("{}", serde_json::to_string(&t)?.replace("impl_", "impl"));
+    Ok(())
+}
