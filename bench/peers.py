@@ -105,6 +105,11 @@ def main():
         fn = train_step_fn(512, 4, 4096, nn.SiLU, None)
     elif w == "b2":
         fn = train_step_fn(64, 3, 256, nn.SELU, 0.0)
+    elif w == "gemm":
+        a_m, b_m = torch.randn(2048, 2048), torch.randn(2048, 2048)
+
+        def fn():
+            torch.mm(a_m, b_m)
     elif w == "step":
         fn = train_step_fn(a.hidden, 4, a.batch, nn.SiLU, None)
     else:
@@ -145,8 +150,10 @@ def main():
         nfe = fn()
         times.append((time.perf_counter() - start) * 1e3)
     name = f"step-h{a.hidden}-b{a.batch}" if w == "step" else w
-    print(json.dumps({"workload": name, "impl": "pytorch", "median_ms": statistics.median(times), "times_ms": times,
-                      "nfe": nfe, "threads": torch.get_num_threads()}))
+    med = statistics.median(times)
+    gflops = 2 * 2048 ** 3 / (med * 1e6) if w == "gemm" else None
+    print(json.dumps({"workload": name, "impl": "pytorch", "median_ms": med, "times_ms": times, "nfe": nfe,
+                      "threads": torch.get_num_threads(), "gflops": gflops}))
 
 
 if __name__ == "__main__":

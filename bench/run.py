@@ -26,9 +26,10 @@ MODEL = OUT / "b1-model"
 WORKLOADS = {
     "b1": (5, 2),
     "b2": (200, 20),
-    "b3-midpoint": (3, 1),
-    "b3-dopri5": (3, 1),
+    "b3-midpoint": (1, 1),
+    "b3-dopri5": (1, 1),
     "b4": (2, 1),
+    "gemm": (10, 3),
 }
 SCALING = [("step", h, b) for h in (64, 256, 1024) for b in (256, 4096, 16384)]
 
@@ -73,6 +74,7 @@ def main():
         o = statistics.median(r["median_ms"] for r in ours)
         p = statistics.median(r["median_ms"] for r in peer)
         row = {"workload": name, "ours_ms": o, "peer_ms": p, "ratio": p / o,
+               "ours_gflops": ours[-1].get("gflops"), "peer_gflops": peer[-1].get("gflops"),
                "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"]}
         if name in ("b1",) or name.startswith("step"):
             row["ours_peak_rss_kb"] = peak_rss_kb(ours_cmd)

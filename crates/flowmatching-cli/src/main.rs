@@ -23,6 +23,7 @@ fn main() {
         cli::Command::Likelihood(a) => cmd::likelihood::run(a),
         cli::Command::Solvers(a) => cmd::solvers::run(a),
         cli::Command::Bench(a) => cmd::bench::run(a),
+        cli::Command::Ablate(a) => cmd::ablate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

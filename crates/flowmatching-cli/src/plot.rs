@@ -131,3 +131,142 @@ fn line(img: &mut image::RgbImage, (mut x0, mut y0): (i64, i64), (x1, y1): (i64,
         }
     }
 }
+
+/// The embedded font for plot labels (DejaVu Sans Mono, Bitstream Vera licence: assets/DejaVu-LICENSE.txt).
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font is embedded and known to parse; a failure would only lose the labels.
+        let _ =
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
+    });
+}
+
+/// A tick label: three significant digits, scientific notation outside [0.01, 100000).
+fn number(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(0.01..100_000.0).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        let digits = (2 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.digits$}")
+    }
+}
+
+/// One named series of (x, y) points.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Distinct colours for up to eight series.
+const PALETTE: [(u8, u8, u8); 8] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+];
+
+/// A line plot with axes, labels and a legend, written as PNG (atomically). `log_x`/`log_y` use log10 axes.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+    log_y: bool,
+) -> Result<()> {
+    use plotters::prelude::*;
+    register_font();
+    let (w, h) = (800u32, 500u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| {
+            x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0)
+        })
+        .collect();
+    let tx = |x: f64| if log_x { x.log10() } else { x };
+    let ty = |y: f64| if log_y { y.log10() } else { y };
+    let (mut x0, mut x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(tx(p.0)), a.1.max(tx(p.0)))
+    });
+    let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(ty(p.1)), a.1.max(ty(p.1)))
+    });
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
+    }
+    let pad = 0.05 * (y1 - y0).max(1e-6);
+    (y0, y1) = (y0 - pad, y1 + pad);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x0..x1, y0..y1)?;
+            let fmt_x = move |v: &f64| number(if log_x { 10f64.powf(*v) } else { *v });
+            let fmt_y = move |v: &f64| number(if log_y { 10f64.powf(*v) } else { *v });
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .x_label_formatter(&fmt_x)
+                .y_label_formatter(&fmt_y)
+                .label_style(("sans-serif", 13))
+                .draw()?;
+            for (i, s) in series.iter().enumerate() {
+                let (r, g, b) = PALETTE[i % PALETTE.len()];
+                let colour = RGBColor(r, g, b);
+                let data: Vec<(f64, f64)> = s
+                    .points
+                    .iter()
+                    .filter(|(x, y)| {
+                        x.is_finite()
+                            && y.is_finite()
+                            && (!log_x || *x > 0.0)
+                            && (!log_y || *y > 0.0)
+                    })
+                    .map(|&(x, y)| (tx(x), ty(y)))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(data.clone(), colour.stroke_width(2)))?
+                    .label(s.label.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                    });
+                chart.draw_series(data.into_iter().map(|p| Circle::new(p, 3, colour.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).expect("buffer of the right size");
+    let mut bytes = std::io::Cursor::new(vec![]);
+    img.write_to(&mut bytes, image::ImageFormat::Png)?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}

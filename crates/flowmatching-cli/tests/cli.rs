@@ -315,3 +315,44 @@ fn help_explains_the_commands() {
         assert!(text.contains(word), "{word} missing from --help: {text}");
     }
 }
+
+/// The ablation end to end at a toy size: every file of the report is written and the report names all
+/// five objectives.
+#[test]
+fn ablate_quick_smoke() {
+    let dir = tmpdir("ablate");
+    let out = dir.join("report");
+    let o = run(&[
+        "ablate",
+        "--preset",
+        "quick",
+        "--steps",
+        "60",
+        "--data",
+        "moons",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for name in [
+        "DDPM",
+        "score matching",
+        "ScoreFlow",
+        "FM-diffusion",
+        "FM-OT",
+        "Reproduced",
+    ] {
+        assert!(md.contains(name), "{name} missing from the report");
+    }
+    for f in [
+        "nfe-during-training.png",
+        "error-vs-nfe.png",
+        "samples-fm-ot.png",
+        "marginal-paths-fm-ot.png",
+        "results.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -378,19 +378,26 @@ impl MlpEngine {
         h
     }
 
-    /// Mean squared error of the last forward's output against `target`, and its gradient with respect to
-    /// every parameter (into [`MlpEngine::grads`]). Returns the loss (accumulated in f64).
-    pub fn mse_backward(&mut self, target: &[f32]) -> f64 {
+    /// Mean squared error of the last forward's output against `target`, each row weighted by `weights`
+    /// if given (loss = mean_i w_i mean_j r_ij^2), and its gradient with respect to every parameter (into
+    /// [`MlpEngine::grads`]). Returns the loss (accumulated in f64).
+    pub fn mse_backward(&mut self, target: &[f32], weights: Option<&[f32]>) -> f64 {
         let batch = self.batch;
         let d = self.cfg.dim;
         let n = (batch * d) as f32;
         let mut loss = 0.0f64;
         let mut g = std::mem::take(&mut self.grad_a);
         let mut gp = std::mem::take(&mut self.grad_b);
-        for ((gi, &o), &y) in g[..batch * d].iter_mut().zip(&self.out).zip(target) {
+        for (i, ((gi, &o), &y)) in g[..batch * d]
+            .iter_mut()
+            .zip(&self.out)
+            .zip(target)
+            .enumerate()
+        {
+            let w = weights.map_or(1.0, |w| w[i / d]);
             let r = o - y;
-            loss += (r as f64) * (r as f64);
-            *gi = 2.0 * r / n;
+            loss += w as f64 * (r as f64) * (r as f64);
+            *gi = 2.0 * w * r / n;
         }
         for l in (0..self.layers.len()).rev() {
             let Layer {
@@ -836,7 +843,7 @@ mod tests {
 
             let mut e = MlpEngine::new(cfg, &params).unwrap();
             let fast_out = e.forward_train(&x, &t).to_vec();
-            let fast_loss = e.mse_backward(&y);
+            let fast_loss = e.mse_backward(&y, None);
             let ref_out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
             for (a, r) in fast_out.iter().zip(&ref_out) {
                 assert!((a - r).abs() < 1e-5, "{act:?}: output {a} vs {r}");

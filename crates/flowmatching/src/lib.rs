@@ -12,7 +12,10 @@
 //!   targets and the conversions between velocity, x1, noise and score predictions;
 //! - [`empirical`]: the exact marginal field of a finite data set (the optimum a model approximates);
 //! - [`model`]: the [`model::VelocityField`] trait and the MLP;
+//! - [`objective`]: FM-OT, FM-diffusion, DDPM, score matching and ScoreFlow as data (path, prediction,
+//!   weight);
 //! - [`optim`] and [`train`]: AdamW, warm-up, clipping, EMA and the CFM training step;
+//! - [`fastmlp`]: the fused CPU engine that trains and evaluates MLPs;
 //! - [`checkpoint`]: atomic, checksummed checkpoints with exact resume;
 //! - [`solver`]: ODE solvers with exact NFE statistics;
 //! - [`data`] and [`metrics`]: built-in 2-D data sets and sample-quality measures.
@@ -25,6 +28,7 @@ pub mod fastmlp;
 pub mod likelihood;
 pub mod metrics;
 pub mod model;
+pub mod objective;
 pub mod optim;
 pub mod path;
 pub mod rng;

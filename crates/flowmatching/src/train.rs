@@ -19,6 +19,7 @@ use crate::model::{Model, ModelConfig, Params, VelocityField};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fastmlp::{ema_update, FlatAdamW, MlpEngine};
+use crate::objective::Weighting;
 use crate::optim::{clip_grad_norm, scheduled_lr, AdamW, AdamWConfig, Ema, LrDecay};
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
@@ -69,6 +70,9 @@ pub struct RunConfig {
     pub path: SchedulerConfig,
     /// What the network predicts (flow matching: velocity).
     pub prediction: Prediction,
+    /// The loss weight lambda(t) (flow matching: uniform).
+    #[serde(default)]
+    pub weighting: Weighting,
     pub train: TrainConfig,
     /// Where the data came from (for the record).
     pub data: String,
@@ -101,6 +105,7 @@ impl RunConfig {
             )));
         }
         self.path.build()?;
+        self.weighting.weights(&self.path, &[0.5])?;
         Ok(())
     }
 }
@@ -240,7 +245,16 @@ impl Trainer {
     /// The CFM loss for given noise, data and times (no update): mean squared error of the prediction
     /// against the path's target in the configured prediction form.
     pub fn loss(&self, x0: &Tensor, x1: &Tensor, t: &[f64]) -> Result<Tensor> {
-        cfm_loss(self.model(), &self.path, self.config.prediction, x0, x1, t)
+        let w = self.config.weighting.weights(&self.config.path, t)?;
+        cfm_loss(
+            self.model(),
+            &self.path,
+            self.config.prediction,
+            x0,
+            x1,
+            t,
+            w.as_deref(),
+        )
     }
 
     /// One optimizer step on a fresh minibatch; returns the loss before the update.
@@ -256,6 +270,7 @@ impl Trainer {
         let x1 = data.sample(&mut self.rng_data, b);
         let x0 = self.rng_noise.normal_vec(b * dim);
         let t = self.rng_noise.uniform_vec(b);
+        let weights = self.config.weighting.weights(&self.config.path, &t)?;
         let c = self.config.train;
         let lr = scheduled_lr(
             c.optimizer.lr,
@@ -276,6 +291,7 @@ impl Trainer {
                     &x0,
                     &x1,
                     &t,
+                    weights.as_deref(),
                 )?;
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
@@ -320,7 +336,10 @@ impl Trainer {
                     .sample_rows(&x0, &x1, &t, dim, self.config.prediction);
                 let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
                 mlp.forward_train(&xt, &tf);
-                let value = mlp.mse_backward(&target);
+                let w32: Option<Vec<f32>> = weights
+                    .as_ref()
+                    .map(|w| w.iter().map(|&w| w as f32).collect());
+                let value = mlp.mse_backward(&target, w32.as_deref());
                 if !value.is_finite() {
                     return Err(Error::NonFinite {
                         step,
@@ -509,7 +528,8 @@ fn regression_target(
     })
 }
 
-/// The (unweighted) CFM regression loss of `model` for given noise, data and per-row times.
+/// The regression loss of `model` for given noise, data and per-row times: mean over rows of
+/// lambda(t_i) times the mean squared error of row i (lambda = 1 when `weights` is None).
 pub fn cfm_loss(
     model: &dyn VelocityField,
     path: &AffinePath,
@@ -517,11 +537,21 @@ pub fn cfm_loss(
     x0: &Tensor,
     x1: &Tensor,
     t: &[f64],
+    weights: Option<&[f64]>,
 ) -> Result<Tensor> {
     let s = path.sample(x0, x1, t)?;
     let target = regression_target(path, prediction, x0, x1, &s, t)?;
     let pred = model.forward(&s.x_t, &s.t)?;
-    Ok((pred - target)?.sqr()?.mean_all()?)
+    let sq = (pred - target)?.sqr()?;
+    match weights {
+        None => Ok(sq.mean_all()?),
+        Some(w) => {
+            let per_row = sq.flatten_from(1)?.mean(1)?;
+            let w = Tensor::from_iter(w.iter().copied(), per_row.device())?
+                .to_dtype(per_row.dtype())?;
+            Ok((per_row * w)?.mean_all()?)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -542,6 +572,7 @@ pub(crate) mod tests {
             }),
             path: SchedulerConfig::CondOt { sigma_min: 1e-4 },
             prediction: Prediction::Velocity,
+            weighting: Weighting::Uniform,
             train: TrainConfig {
                 steps,
                 batch_size: 64,
@@ -599,6 +630,34 @@ pub(crate) mod tests {
                 .to_scalar()
                 .unwrap();
             assert!(d < 1e-3, "{n}: {d}");
+        }
+    }
+
+    /// Both engines agree for every objective of the ablation (weights, noise and score targets).
+    #[test]
+    fn engines_agree_on_every_objective() {
+        for obj in crate::objective::Objective::ALL {
+            let (path, prediction, weighting) = obj.parts();
+            let cfg = RunConfig {
+                path,
+                prediction,
+                weighting,
+                ..small_config(5)
+            };
+            let mut fast =
+                Trainer::with_engine(cfg.clone(), &Device::Cpu, EngineKind::Auto).unwrap();
+            let mut slow = Trainer::with_engine(cfg, &Device::Cpu, EngineKind::Candle).unwrap();
+            for _ in 0..5 {
+                let (a, b) = (
+                    fast.step(&Toy2d::Moons).unwrap(),
+                    slow.step(&Toy2d::Moons).unwrap(),
+                );
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "{}: {a} vs {b}",
+                    obj.name()
+                );
+            }
         }
     }
 

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use flowmatching::data::{DataSource, TensorDataset};
 use flowmatching::empirical::EmpiricalField;
 use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding, VelocityField};
+use flowmatching::objective::Weighting;
 use flowmatching::path::{AffinePath, Prediction};
 use flowmatching::rng::Rng;
 use flowmatching::scheduler::{CondOT, SchedulerConfig, VP};
@@ -159,6 +160,7 @@ fn training_moves_the_model_towards_the_marginal_field() {
         model: mlp(64),
         path: sched,
         prediction: Prediction::Velocity,
+        weighting: Weighting::Uniform,
         train: TrainConfig {
             steps: 1500,
             batch_size: 256,

@@ -9,6 +9,7 @@ use flowmatching::checkpoint::Checkpoint;
 use flowmatching::data::{DataSource, Toy2d};
 use flowmatching::likelihood::{log_likelihood, LikelihoodOptions};
 use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::rng::Rng;
@@ -21,6 +22,8 @@ use crate::cli::{BenchArgs, Workload};
 
 #[derive(Serialize)]
 struct Timing {
+    /// For the GEMM workload: the rate in GFLOP/s.
+    gflops: Option<f64>,
     workload: String,
     impl_: &'static str,
     median_ms: f64,
@@ -47,6 +50,7 @@ pub fn train_config(
         }),
         path: SchedulerConfig::CondOt { sigma_min: 0.0 },
         prediction: Prediction::Velocity,
+        weighting: Weighting::Uniform,
         train: TrainConfig {
             steps: u64::MAX,
             batch_size: batch,
@@ -119,6 +123,41 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 })?,
             )
         }
+        Workload::Gemm => {
+            let n = 2048;
+            let mut rng = Rng::new(0);
+            let (lhs, rhs) = (rng.normal_vec(n * n), rng.normal_vec(n * n));
+            let mut c = vec![0f32; n * n];
+            let threads = rayon::current_num_threads();
+            let r = time(a.warmup, a.iters, || {
+                // SAFETY: three n x n row-major buffers.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        n,
+                        n,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        lhs.as_ptr(),
+                        1,
+                        n as isize,
+                        rhs.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    );
+                }
+                Ok(None)
+            })?;
+            ("gemm".into(), r)
+        }
         Workload::B3Midpoint | Workload::B3Dopri5 | Workload::B4 => {
             let Some(ck) = &a.checkpoint else {
                 bail!("this workload needs --checkpoint (the B1 model)")
@@ -167,7 +206,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
         }
     };
+    let gflops =
+        (a.workload == Workload::Gemm).then(|| 2.0 * 2048f64.powi(3) / (median(&times) * 1e6));
     let t = Timing {
+        gflops,
         workload: name,
         impl_: "flowmatching",
         median_ms: median(&times),

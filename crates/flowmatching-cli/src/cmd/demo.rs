@@ -7,6 +7,7 @@ use candle_core::Device;
 use flowmatching::data::{DataSource, Toy2d};
 use flowmatching::metrics::{checkerboard_support, energy_distance};
 use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::rng::Rng;
@@ -37,6 +38,7 @@ pub fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) 
         }),
         path: SchedulerConfig::CondOt { sigma_min: 1e-5 },
         prediction: Prediction::Velocity,
+        weighting: Weighting::Uniform,
         train: TrainConfig {
             steps,
             batch_size: batch,

@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into library calls.
 
+pub mod ablate;
 pub mod bench;
 pub mod demo;
 pub mod likelihood;

@@ -9,6 +9,7 @@ use candle_core::Device;
 use flowmatching::checkpoint::{self, Checkpoint};
 use flowmatching::data::DataSource;
 use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::scheduler::SchedulerConfig;
@@ -119,6 +120,7 @@ pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
         }),
         path,
         prediction: Prediction::Velocity,
+        weighting: Weighting::Uniform,
         train: TrainConfig {
             steps: a.steps,
             batch_size: a.batch_size,
