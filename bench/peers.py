@@ -17,7 +17,16 @@ from flow_matching.solver import ODESolver
 from flow_matching.utils import ModelWrapper
 
 
-def checkerboard(n, device="cpu"):
+DEVICE = "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def checkerboard(n, device=None):
+    device = device or DEVICE
     """flow_matching's 2-D example data."""
     x1 = torch.rand(n, device=device) * 4 - 2
     x2_ = torch.rand(n, device=device) - torch.randint(high=2, size=(n,), device=device) * 2
@@ -56,14 +65,14 @@ def load(model, checkpoint):
 
 
 def train_step_fn(hidden, depth, batch, act, sigma_min):
-    model = MLP(hidden, depth, act)
+    model = MLP(hidden, depth, act).to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     path = AffineProbPath(scheduler=CondOTScheduler())
 
     def step():
         x1 = checkerboard(batch)
         x0 = torch.randn_like(x1)
-        t = torch.rand(batch)
+        t = torch.rand(batch, device=DEVICE)
         if sigma_min is None:  # flow_matching's example
             s = path.sample(t=t, x_0=x0, x_1=x1)
             xt, ut = s.x_t, s.dx_t
@@ -74,6 +83,7 @@ def train_step_fn(hidden, depth, batch, act, sigma_min):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        loss.item()  # like ours: the loss comes back to the host every step
         return None
 
     return step
@@ -97,7 +107,10 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     torch.manual_seed(0)
     w = a.workload
     nfe = None
@@ -106,53 +119,57 @@ def main():
     elif w == "b2":
         fn = train_step_fn(64, 3, 256, nn.SELU, 0.0)
     elif w == "gemm":
-        a_m, b_m = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        a_m, b_m = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
 
         def fn():
             torch.mm(a_m, b_m)
     elif w == "step":
         fn = train_step_fn(a.hidden, 4, a.batch, nn.SiLU, None)
     else:
-        model = load(MLP(512, 4, nn.SiLU), a.checkpoint).eval()
+        model = load(MLP(512, 4, nn.SiLU), a.checkpoint).to(DEVICE).eval()
         wrapped = Counting(model)
         solver = ODESolver(velocity_model=wrapped)
         if w in ("b3-midpoint", "b3-dopri5"):
-            x0 = torch.randn(50_000, 2)
+            x0 = torch.randn(50_000, 2, device=DEVICE)
 
             def fn():
                 wrapped.calls = 0
                 with torch.no_grad():
                     if w == "b3-midpoint":
-                        solver.sample(x_init=x0, method="midpoint", step_size=0.05, time_grid=torch.tensor([0.0, 1.0]))
+                        solver.sample(x_init=x0, method="midpoint", step_size=0.05,
+                                      time_grid=torch.tensor([0.0, 1.0], device=DEVICE))
                     else:
                         solver.sample(x_init=x0, method="dopri5", step_size=None, atol=1e-5, rtol=1e-5,
-                                      time_grid=torch.tensor([0.0, 1.0]))
+                                      time_grid=torch.tensor([0.0, 1.0], device=DEVICE))
                 return wrapped.calls
         elif w == "b4":
             x1 = checkerboard(10_000)
             d = x1.shape[1]
 
             def log_p0(x):
-                return -0.5 * (x ** 2).sum(1) - 0.5 * d * torch.log(torch.tensor(2 * torch.pi))
+                return -0.5 * (x ** 2).sum(1) - 0.5 * d * torch.log(torch.tensor(2 * torch.pi, device=x.device))
 
             def fn():
                 wrapped.calls = 0
                 solver.compute_likelihood(x_1=x1, log_p0=log_p0, step_size=None, method="dopri5", atol=1e-5,
-                                          rtol=1e-5, exact_divergence=True, time_grid=torch.tensor([1.0, 0.0]))
+                                          rtol=1e-5, exact_divergence=True,
+                                          time_grid=torch.tensor([1.0, 0.0], device=DEVICE))
                 return wrapped.calls
         else:
             raise SystemExit(f"unknown workload {w}")
     for _ in range(a.warmup):
         fn()
+    sync()
     times = []
     for _ in range(a.iters):
         start = time.perf_counter()
         nfe = fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     name = f"step-h{a.hidden}-b{a.batch}" if w == "step" else w
     med = statistics.median(times)
     gflops = 2 * 2048 ** 3 / (med * 1e6) if w == "gemm" else None
-    print(json.dumps({"workload": name, "impl": "pytorch", "median_ms": med, "times_ms": times, "nfe": nfe,
+    print(json.dumps({"workload": name, "impl": "pytorch", "device": DEVICE, "median_ms": med, "times_ms": times, "nfe": nfe,
                       "threads": torch.get_num_threads(), "gflops": gflops}))
 
 

@@ -57,6 +57,9 @@ pub struct AblateArgs {
     pub steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Rewrite report.md from the results.json already in --out (no training).
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,6 +97,15 @@ pub struct BenchArgs {
     pub hidden: usize,
     #[arg(long, default_value_t = 4096)]
     pub batch: usize,
+    /// Where to run: the CPU, or the first CUDA GPU (needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Debug, Args)]
@@ -101,8 +113,8 @@ pub struct DemoArgs {
     /// Output folder (samples.npy, samples.png, metrics.json and the checkpoint).
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
-    /// Training steps (the default is tuned to finish in under three minutes on 2 cores).
-    #[arg(long, default_value_t = 14_000)]
+    /// Training steps (the default trains in about two minutes on 2 cores).
+    #[arg(long, default_value_t = 40_000)]
     pub steps: u64,
     /// Random seed for weights, data, noise and times.
     #[arg(long, default_value_t = 0)]

@@ -21,8 +21,85 @@ use crate::optim::AdamWConfig;
 const SELU_LAMBDA: f32 = 1.050_701;
 const SELU_ALPHA: f32 = 1.673_263_2;
 
+/// Rows per block in inference: activations of a block stay in cache and allocations small.
+const INFER_ROWS: usize = 4096;
+
 /// Elementwise work below this many values runs on one thread.
 const PAR_MIN: usize = 1 << 15;
+
+/// A read-only matrix view over a row-major buffer: the matrix itself or its transpose.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    /// Strides of one column step and one row step of the viewed matrix.
+    cs: isize,
+    rs: isize,
+}
+
+impl<'a> View<'a> {
+    /// The row-major matrix with `cols` columns stored in `data`.
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            cs: 1,
+            rs: cols as isize,
+        }
+    }
+
+    /// The transpose of that matrix.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            cs: cols as isize,
+            rs: 1,
+        }
+    }
+
+    /// Highest index touched by an (m x n) view.
+    fn extent(&self, m: usize, n: usize) -> usize {
+        (m.max(1) - 1) * self.rs as usize + (n.max(1) - 1) * self.cs as usize + 1
+    }
+}
+
+/// dst (m x n, row-major) = lhs (m x k) rhs (k x n), added to dst's current values if `accumulate`.
+fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    par: Parallelism,
+) {
+    assert!(
+        dst.len() >= m * n
+            && lhs.data.len() >= lhs.extent(m, k)
+            && rhs.data.len() >= rhs.extent(k, n)
+    );
+    // SAFETY: the assertion above keeps every access of the three strided views inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Layer {
@@ -222,31 +299,18 @@ impl MlpEngine {
         for row in dst.chunks_exact_mut(fan_out) {
             row.copy_from_slice(bias);
         }
-        // SAFETY: the slices hold batch x fan_in, fan_out x fan_in and batch x fan_out values with the
-        // strides given.
-        unsafe {
-            gemm::gemm(
-                batch,
-                fan_out,
-                fan_in,
-                dst.as_mut_ptr(),
-                1,
-                fan_out as isize,
-                true,
-                h.as_ptr(),
-                1,
-                fan_in as isize,
-                self.params[w..].as_ptr(),
-                fan_in as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                self.par(batch * fan_in * fan_out),
-            );
-        }
+        let (weights, par) = (
+            &self.params[w..w + fan_in * fan_out],
+            self.par(batch * fan_in * fan_out),
+        );
+        matmul(
+            dst,
+            (batch, fan_out, fan_in),
+            true,
+            View::rows(h, fan_in),
+            View::transposed(weights, fan_in),
+            par,
+        );
     }
 
     /// dz = u W^T for layer `l` (no bias: the tangent of a linear map), `rows` rows.
@@ -254,30 +318,18 @@ impl MlpEngine {
         let Layer {
             fan_in, fan_out, w, ..
         } = self.layers[l];
-        // SAFETY: as in `linear`.
-        unsafe {
-            gemm::gemm(
-                rows,
-                fan_out,
-                fan_in,
-                dst.as_mut_ptr(),
-                1,
-                fan_out as isize,
-                false,
-                u.as_ptr(),
-                1,
-                fan_in as isize,
-                self.params[w..].as_ptr(),
-                fan_in as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                self.par(rows * fan_in * fan_out),
-            );
-        }
+        let (weights, par) = (
+            &self.params[w..w + fan_in * fan_out],
+            self.par(rows * fan_in * fan_out),
+        );
+        matmul(
+            dst,
+            (rows, fan_out, fan_in),
+            false,
+            View::rows(u, fan_in),
+            View::transposed(weights, fan_in),
+            par,
+        );
     }
 
     /// v(x, t) and the Jacobian-vector products J v(x, t) u_k for tangents `u_k` (each B x dim; time is
@@ -355,8 +407,17 @@ impl MlpEngine {
         &self.out
     }
 
-    /// v(x, t) without keeping activations (inference).
+    /// v(x, t) without keeping activations (inference), in blocks of rows so that activations stay small.
     pub fn predict(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
+        let d = self.cfg.dim;
+        let mut out = Vec::with_capacity(x.len());
+        for (xb, tb) in x.chunks(INFER_ROWS * d).zip(t.chunks(INFER_ROWS)) {
+            out.extend(self.predict_block(xb, tb));
+        }
+        out
+    }
+
+    fn predict_block(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
         let batch = t.len();
         let mut h = vec![0.0; batch * self.layers[0].fan_in];
         self.first_input(x, t, &mut h);
@@ -416,58 +477,30 @@ impl MlpEngine {
                     *a += v;
                 }
             }
-            // SAFETY: shapes as documented at the top of the module.
-            unsafe {
-                // dW (fan_out x fan_in) = g^T (fan_out x B) h (B x fan_in)
-                gemm::gemm(
-                    fan_out,
-                    fan_in,
-                    batch,
-                    self.grads[w..].as_mut_ptr(),
-                    1,
-                    fan_in as isize,
-                    false,
-                    gl.as_ptr(),
-                    fan_out as isize,
-                    1,
-                    h.as_ptr(),
-                    1,
-                    fan_in as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    self.par(batch * fan_in * fan_out),
-                );
-            }
+            let par = self.par(batch * fan_in * fan_out);
+            // dW (fan_out x fan_in) = g^T (fan_out x B) h (B x fan_in)
+            let dw = &mut self.grads[w..w + fan_in * fan_out];
+            matmul(
+                dw,
+                (fan_out, fan_in, batch),
+                false,
+                View::transposed(gl, fan_out),
+                View::rows(h, fan_in),
+                par,
+            );
             if l == 0 {
                 break;
             }
             // dL/dh_{l-1} (B x fan_in) = g (B x fan_out) W (fan_out x fan_in)
-            unsafe {
-                gemm::gemm(
-                    batch,
-                    fan_in,
-                    fan_out,
-                    gp.as_mut_ptr(),
-                    1,
-                    fan_in as isize,
-                    false,
-                    gl.as_ptr(),
-                    1,
-                    fan_out as isize,
-                    self.params[w..].as_ptr(),
-                    1,
-                    fan_in as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    self.par(batch * fan_in * fan_out),
-                );
-            }
+            let weights = &self.params[w..w + fan_in * fan_out];
+            matmul(
+                &mut gp,
+                (batch, fan_in, fan_out),
+                false,
+                View::rows(gl, fan_out),
+                View::rows(weights, fan_in),
+                par,
+            );
             let gprev = &mut gp[..batch * fan_in];
             match self.cfg.activation {
                 Activation::Silu => silu_backward(gprev, &self.inputs[l], &self.sig[l - 1]),

@@ -20,7 +20,7 @@ use flowmatching::rng::Rng;
 use flowmatching::scheduler::SchedulerConfig;
 use flowmatching::solver::{Adaptive, SolveOptions, SolverKind, StepControl};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{AblateArgs, Preset};
 use crate::cmd::sample;
@@ -28,7 +28,7 @@ use crate::plot::{self, Series};
 use crate::{io, progress};
 
 /// Sizes of a run.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Sizes {
     hidden: usize,
     batch: usize,
@@ -73,7 +73,7 @@ const TOL: f64 = 1e-5;
 /// Cap on adaptive steps in evaluations (a score model can need very many).
 const MAX_STEPS: usize = 2000;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct FixedNfe {
     solver: SolverKind,
     nfe: usize,
@@ -81,10 +81,10 @@ struct FixedNfe {
     in_support_fraction: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct ObjectiveResult {
     objective: Objective,
-    name: &'static str,
+    name: String,
     final_loss: f64,
     train_seconds: f64,
     adaptive_nfe: Option<usize>,
@@ -99,6 +99,17 @@ struct ObjectiveResult {
     loss_curve: Vec<(u64, f64)>,
     /// Per solver: (NFE, mean distance to a tight-tolerance solution).
     numerical_error: ErrorCurves,
+}
+
+/// Everything `results.json` holds; `--report-only` rewrites report.md from it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Results {
+    command: String,
+    data: String,
+    seed: u64,
+    seconds: f64,
+    sizes: Sizes,
+    results: Vec<ObjectiveResult>,
 }
 
 /// Per solver (Euler, midpoint, RK4): (NFE, mean distance to a tight-tolerance solution).
@@ -169,16 +180,19 @@ fn draw(
     }
 }
 
-fn stages(kind: SolverKind) -> usize {
-    match kind {
-        SolverKind::Euler => 1,
-        SolverKind::Midpoint | SolverKind::Heun => 2,
-        SolverKind::Rk4 => 4,
-        SolverKind::Dopri5 => 6,
-    }
-}
-
 pub fn run(a: &AblateArgs) -> Result<()> {
+    if a.report_only {
+        let path = a.out.join("results.json");
+        let text = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("--report-only: cannot read {} ({e})", path.display()))?;
+        let r: Results = serde_json::from_slice(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "--report-only: {} is not an ablation's results.json ({e})",
+                path.display()
+            )
+        })?;
+        return write_report(&a.out, &r);
+    }
     let mut s = sizes(a.preset);
     if let Some(steps) = a.steps {
         if steps == 0 {
@@ -201,7 +215,6 @@ pub fn run(a: &AblateArgs) -> Result<()> {
     let every = (s.steps / s.checkpoints).max(1);
     let started = Instant::now();
     let mut results = vec![];
-    let mut grid_images = vec![];
     for obj in Objective::ALL {
         let cfg = run_config(obj, &s, a.seed, &a.data);
         let mut trainer = Trainer::new(cfg.clone(), &Device::Cpu)?;
@@ -257,7 +270,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         let mut row: Vec<Vec<f32>> = vec![];
         for kind in [SolverKind::Euler, SolverKind::Midpoint] {
             for nfe in NFES {
-                let steps = nfe / stages(kind);
+                let steps = nfe / kind.stages();
                 let (x, used) = draw(
                     &model,
                     &cfg,
@@ -285,7 +298,6 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         let img = a.out.join(format!("samples-{}.png", file_name(obj)));
         let sets: Vec<&[f32]> = row.iter().map(Vec::as_slice).collect();
         plot::histograms(&img, &sets, 2, plot::window(&reference), 60)?;
-        grid_images.push((obj, img));
         // Figure 7 analogue: error against a tight-tolerance solution from the same noise.
         let numerical_error = numerical_error(&model, &cfg, s.error_points, a.seed + 2)?;
         // Likelihood of held-out data.
@@ -316,7 +328,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         };
         results.push(ObjectiveResult {
             objective: obj,
-            name: obj.name(),
+            name: obj.name().to_string(),
             final_loss: last,
             train_seconds,
             adaptive_nfe: adaptive_run.as_ref().map(|r| r.1),
@@ -336,24 +348,38 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         )?;
     }
     figures(&a.out, &results, &reference, a.seed)?;
-    io::write_json(
-        &a.out.join("results.json"),
-        &serde_json::json!({ "sizes": s, "data": a.data, "seed": a.seed, "results": results }),
-    )?;
-    let md = report(
-        a,
-        &s,
-        &results,
-        &grid_images,
-        started.elapsed().as_secs_f64(),
-        checkerboard,
-    );
-    flowmatching::checkpoint::write_atomic(&a.out.join("report.md"), md.as_bytes())?;
-    eprintln!(
-        "wrote {}/report.md ({:.0} s)",
+    let command = format!(
+        "flowmatching ablate --data {} --out {} --preset {}{}{}",
+        a.data,
         a.out.display(),
-        started.elapsed().as_secs_f64()
+        match a.preset {
+            Preset::Quick => "quick",
+            Preset::Default => "default",
+        },
+        a.steps.map(|s| format!(" --steps {s}")).unwrap_or_default(),
+        if a.seed != 0 {
+            format!(" --seed {}", a.seed)
+        } else {
+            String::new()
+        }
     );
+    let r = Results {
+        command,
+        data: a.data.clone(),
+        seed: a.seed,
+        seconds: started.elapsed().as_secs_f64(),
+        sizes: s,
+        results,
+    };
+    io::write_json(&a.out.join("results.json"), &r)?;
+    write_report(&a.out, &r)?;
+    eprintln!("wrote {}/report.md ({:.0} s)", a.out.display(), r.seconds);
+    Ok(())
+}
+
+fn write_report(out: &Path, r: &Results) -> Result<()> {
+    let md = report(r);
+    flowmatching::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(())
 }
 
@@ -364,12 +390,7 @@ fn file_name(obj: Objective) -> String {
         .unwrap_or_default()
 }
 
-fn numerical_error(
-    model: &Model,
-    cfg: &RunConfig,
-    n: usize,
-    seed: u64,
-) -> Result<ErrorCurves> {
+fn numerical_error(model: &Model, cfg: &RunConfig, n: usize, seed: u64) -> Result<ErrorCurves> {
     let Some((reference, _)) = draw(
         model,
         cfg,
@@ -385,7 +406,7 @@ fn numerical_error(
     for kind in [SolverKind::Euler, SolverKind::Midpoint, SolverKind::Rk4] {
         let mut curve = vec![];
         for nfe in [4, 8, 16, 32, 64, 128] {
-            let steps = nfe / stages(kind);
+            let steps = nfe / kind.stages();
             if steps == 0 {
                 continue;
             }
@@ -409,7 +430,7 @@ fn figures(out: &Path, results: &[ObjectiveResult], reference: &[f32], seed: u64
     let nfe: Vec<Series> = results
         .iter()
         .map(|r| Series {
-            label: r.name.into(),
+            label: r.name.clone(),
             points: r
                 .nfe_during_training
                 .iter()
@@ -433,7 +454,7 @@ fn figures(out: &Path, results: &[ObjectiveResult], reference: &[f32], seed: u64
                 .iter()
                 .find(|(k, _)| *k == SolverKind::Midpoint)
                 .map(|(_, c)| Series {
-                    label: r.name.into(),
+                    label: r.name.clone(),
                     points: c.iter().map(|&(n, e)| (n as f64, e)).collect(),
                 })
         })
@@ -450,7 +471,7 @@ fn figures(out: &Path, results: &[ObjectiveResult], reference: &[f32], seed: u64
     let loss: Vec<Series> = results
         .iter()
         .map(|r| Series {
-            label: r.name.into(),
+            label: r.name.clone(),
             points: r.loss_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
         })
         .collect();
@@ -540,30 +561,18 @@ fn opt(v: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "capped".into())
 }
 
-fn report(
-    a: &AblateArgs,
-    s: &Sizes,
-    r: &[ObjectiveResult],
-    grid: &[(Objective, std::path::PathBuf)],
-    seconds: f64,
-    checkerboard: bool,
-) -> String {
+fn report(res: &Results) -> String {
+    let (s, r) = (&res.sizes, &res.results[..]);
+    let checkerboard = res.data == "checkerboard";
     let mut md = String::new();
-    let cmd = format!(
-        "flowmatching ablate --data {} --out {} --preset {}{}",
-        a.data,
-        a.out.display(),
-        match a.preset {
-            Preset::Quick => "quick",
-            Preset::Default => "default",
-        },
-        a.steps.map(|s| format!(" --steps {s}")).unwrap_or_default()
-    );
     md += &format!(
         "# Five objectives, one network: the flow-matching ablation on `{}`\n\n",
-        a.data
+        res.data
     );
-    md += &format!("Made by `{cmd}` in {seconds:.0} s (seed {}).\n\n", a.seed);
+    md += &format!(
+        "Made by `{}` in {:.0} s (seed {}).\n\n",
+        res.command, res.seconds, res.seed
+    );
     md += &format!(
         "Every objective trains the same MLP (3-{h}x4-2, SiLU) with AdamW (lr 1e-3, 100 warm-up steps, cosine \
          decay), gradient clipping at 1, EMA 0.999, batch {b}, {st} steps and the same seed; nothing is tuned per \
@@ -632,12 +641,17 @@ fn report(
     }
     md += "\n## Figure 4 analogue: samples at 4, 8, 16, 32 NFE (midpoint) and adaptive\n\n";
     md += "Columns, left to right: 4, 8, 16, 32 NFE with the midpoint solver, then Dopri5 at 1e-5 (absent where capped).\n\n";
-    for (obj, img) in grid {
-        let name = img
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        md += &format!("**{}**\n\n![{}]({name})\n\n", obj.name(), obj.name());
+    for x in r {
+        md += &format!(
+            "**{}**
+
+![{}](samples-{}.png)
+
+",
+            x.name,
+            x.name,
+            file_name(x.objective)
+        );
     }
     md += "## Figure 10 analogue: adaptive NFE during training\n\n![adaptive NFE during training](nfe-during-training.png)\n\n";
     md += "| objective |";
@@ -676,7 +690,7 @@ fn orderings(r: &[ObjectiveResult]) -> String {
     // 1. lowest adaptive NFE
     let best_nfe = r
         .iter()
-        .filter_map(|x| x.adaptive_nfe.map(|n| (n, x.name)))
+        .filter_map(|x| x.adaptive_nfe.map(|n| (n, x.name.as_str())))
         .min();
     let ot_nfe = ot.and_then(|x| x.adaptive_nfe);
     out += &match (best_nfe, ot_nfe) {
@@ -697,7 +711,7 @@ fn orderings(r: &[ObjectiveResult]) -> String {
     };
     let best4 = r
         .iter()
-        .filter_map(|x| at4(x).map(|e| (e, x.name)))
+        .filter_map(|x| at4(x).map(|e| (e, x.name.as_str())))
         .min_by(|a, b| a.0.total_cmp(&b.0));
     out += &match (best4, ot.and_then(at4)) {
         (Some((_, "FM-OT")), Some(o)) => {
@@ -706,48 +720,52 @@ fn orderings(r: &[ObjectiveResult]) -> String {
         (Some((e, name)), Some(o)) => format!("- **Not reproduced**: at 4 NFE {name} is cleaner (energy distance {e:.4}) than FM-OT ({o:.4}).\n"),
         _ => String::new(),
     };
-    // 3. NFE flat for FM, drifting for score matching: relative spread over the second half of training.
-    let spread = |x: &ObjectiveResult| -> Option<f64> {
-        let half: Vec<usize> = x
+    // 3. NFE flat over training for FM, drifting for score matching: relative range (max - min) / max of
+    //    the adaptive NFE over all measurements during training; reproduced only when every FM curve's range
+    //    is under half of every score-matching curve's range (a capped measurement counts as drift).
+    let range = |x: &ObjectiveResult| -> Option<f64> {
+        let v: Vec<usize> = x
             .nfe_during_training
             .iter()
-            .skip(x.nfe_during_training.len() / 2)
-            .filter_map(|p| p.1)
-            .collect();
-        if half.len() < 2 || half.len() * 2 < x.nfe_during_training.len() / 2 {
-            return None;
-        }
-        let (lo, hi) = (*half.iter().min()? as f64, *half.iter().max()? as f64);
+            .map(|p| p.1)
+            .collect::<Option<Vec<_>>>()?;
+        let (lo, hi) = (*v.iter().min()? as f64, *v.iter().max()? as f64);
         Some((hi - lo) / hi)
     };
-    let capped = |x: &ObjectiveResult| x.nfe_during_training.iter().any(|p| p.1.is_none());
-    let fm = [Objective::FmOt, Objective::FmDiffusion]
-        .iter()
-        .filter_map(|&o| get(o))
-        .map(|x| (x.name, spread(x), capped(x)))
-        .collect::<Vec<_>>();
-    let sm = [Objective::ScoreMatching, Objective::ScoreFlow]
-        .iter()
-        .filter_map(|&o| get(o))
-        .map(|x| (x.name, spread(x), capped(x)))
-        .collect::<Vec<_>>();
-    let describe = |v: &[(&str, Option<f64>, bool)]| {
-        v.iter()
-            .map(|(n, s, c)| match (s, c) {
-                (_, true) => format!("{n}: hit the step cap"),
-                (Some(s), _) => format!("{n}: {:.0}%", 100.0 * s),
-                (None, _) => format!("{n}: n/a"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+    let describe = |o: Objective| -> (String, Option<f64>) {
+        match get(o) {
+            Some(x) => match range(x) {
+                Some(v) => (format!("{} {:.0}%", x.name, 100.0 * v), Some(v)),
+                None => (format!("{} hit the step cap", x.name), None),
+            },
+            None => (String::new(), None),
+        }
     };
-    let fm_max = fm.iter().filter_map(|x| x.1).fold(0.0, f64::max);
-    let sm_drift = sm.iter().any(|x| x.2 || x.1.is_some_and(|s| s > fm_max));
+    let fm: Vec<_> = [Objective::FmOt, Objective::FmDiffusion]
+        .into_iter()
+        .map(describe)
+        .collect();
+    let sm: Vec<_> = [Objective::ScoreMatching, Objective::ScoreFlow]
+        .into_iter()
+        .map(describe)
+        .collect();
+    let fm_max = fm
+        .iter()
+        .map(|x| x.1.unwrap_or(f64::INFINITY))
+        .fold(0.0, f64::max);
+    let sm_min = sm
+        .iter()
+        .map(|x| x.1.unwrap_or(f64::INFINITY))
+        .fold(f64::INFINITY, f64::min);
+    let names =
+        |v: &[(String, Option<f64>)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>().join(", ");
     out += &format!(
-        "- {}: adaptive NFE over the second half of training varies by {} for flow matching, and by {} for the score objectives.\n",
-        if sm_drift && fm.iter().all(|x| !x.2) { "**Reproduced** (FM flat, score matching drifts)" } else { "**Not reproduced** (FM flat, score matching drifts)" },
-        describe(&fm),
-        describe(&sm)
+        "- {} that flow matching's adaptive NFE stays flat over training while score matching's drifts: the \
+         relative range (max - min) / max of the NFE measured during training is {} for flow matching and {} for \
+         the score objectives (reproduced only if every FM range is under half of every score range).\n",
+        if fm_max < 0.5 * sm_min { "**Reproduced**:" } else { "**Not reproduced**: the claim" },
+        names(&fm),
+        names(&sm)
     );
     out
 }

@@ -18,10 +18,11 @@ use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
-use crate::cli::{BenchArgs, Workload};
+use crate::cli::{BenchArgs, DeviceArg, Workload};
 
 #[derive(Serialize)]
 struct Timing {
+    device: String,
     /// For the GEMM workload: the rate in GFLOP/s.
     gflops: Option<f64>,
     workload: String,
@@ -102,7 +103,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let dev = Device::Cpu;
+    let dev = match a.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("no CUDA device ({e}); build with scripts/build-cuda.sh")
+        })?,
+    };
     let (name, (times, nfe)) = match a.workload {
         Workload::B1 | Workload::B2 | Workload::Step => {
             let cfg = match a.workload {
@@ -209,6 +215,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let gflops =
         (a.workload == Workload::Gemm).then(|| 2.0 * 2048f64.powi(3) / (median(&times) * 1e6));
     let t = Timing {
+        device: format!("{:?}", a.device).to_lowercase(),
         gflops,
         workload: name,
         impl_: "flowmatching",

@@ -21,16 +21,6 @@ struct Row {
     seconds: f64,
 }
 
-/// Evaluations per step of the fixed-step solvers.
-fn stages(kind: SolverKind) -> usize {
-    match kind {
-        SolverKind::Euler => 1,
-        SolverKind::Midpoint | SolverKind::Heun => 2,
-        SolverKind::Rk4 => 4,
-        SolverKind::Dopri5 => 6,
-    }
-}
-
 pub fn run(a: &SolversArgs) -> Result<()> {
     if a.num_samples < 2 {
         bail!("--num-samples must be at least 2");
@@ -49,7 +39,7 @@ pub fn run(a: &SolversArgs) -> Result<()> {
     let mut runs: Vec<(SolverKind, String, StepControl)> = vec![];
     for kind in [SolverKind::Euler, SolverKind::Midpoint, SolverKind::Rk4] {
         for nfe in [4, 8, 16, 32] {
-            let steps = nfe / stages(kind);
+            let steps = nfe / kind.stages();
             runs.push((
                 kind,
                 format!("{steps} steps"),

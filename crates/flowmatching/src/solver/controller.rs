@@ -21,7 +21,7 @@ pub enum ErrorNorm {
 /// A step with embedded error estimate e is accepted when
 /// `err = sqrt(mean((e / (atol + rtol max(|x0|, |x1|)))^2)) <= 1`. The next step is
 /// `h * clamp(safety * err^(-1/q + 0.75 beta) * err_prev^beta, min_factor, max_factor)` after an accepted
-/// step (q the solver's order, beta = 0.04 as in Hairer's DOPRI5) and
+/// step (q the solver's order, beta = 0.04 as in Hairer's DOPRI5 by default) and
 /// `h * clamp(safety * err^(-1/q), min_factor, 1)` after a rejected one.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Adaptive {
@@ -30,7 +30,9 @@ pub struct Adaptive {
     pub safety: f64,
     pub min_factor: f64,
     pub max_factor: f64,
-    /// Proportional gain beta of the PI controller (0 gives plain integral control).
+    /// Proportional gain beta of the PI controller: 0.04 by default, as in Hairer's DOPRI5. 0 gives plain
+    /// integral control, as SciPy and torchdiffeq use; on the benchmark's B1 model that took fewer
+    /// evaluations (Dopri5 at 1e-5: 38 NFE against 44, 2026-11-26).
     pub beta: f64,
     /// Give up after this many attempted steps (per sample in per-sample mode).
     pub max_steps: usize,

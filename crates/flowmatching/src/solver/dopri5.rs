@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::{combine, shift, Dense, Rhs, Solver, Step};
+use super::{combine, first_stage, shift, Dense, Rhs, Solver, Step};
 use crate::error::Result;
 
 /// Dormand-Prince 5(4): fifth-order solution, fourth-order embedded error estimate.
@@ -77,10 +77,7 @@ impl Solver for Dopri5 {
         h: &[f64],
         f0: Option<Tensor>,
     ) -> Result<Step> {
-        let k1 = match f0 {
-            Some(f) => f,
-            None => rhs.eval(t, x)?,
-        };
+        let k1 = first_stage(rhs, t, x, f0)?;
         let k2 = rhs.eval(&shift(t, h, C[1]), &combine(x, h, &[(A2[0], &k1)])?)?;
         let k3 = rhs.eval(
             &shift(t, h, C[2]),

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::{axpy, combine, shift, Dense, Rhs, Solver, Step};
+use super::{axpy, combine, first_stage as first, shift, Dense, Rhs, Solver, Step};
 use crate::error::Result;
 
 /// Forward Euler: x + h v(x, t).
@@ -20,13 +20,6 @@ pub struct Heun;
 /// The classical fourth-order Runge-Kutta method.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rk4;
-
-fn first(rhs: &mut Rhs, t: &[f64], x: &Tensor, f0: Option<Tensor>) -> Result<Tensor> {
-    match f0 {
-        Some(f) => Ok(f),
-        None => rhs.eval(t, x),
-    }
-}
 
 fn done(x0: &Tensor, x: Tensor) -> Step {
     Step {

@@ -154,6 +154,16 @@ pub enum SolverKind {
 }
 
 impl SolverKind {
+    /// Field evaluations per constant step (Dopri5: 6 with first-same-as-last reuse).
+    pub fn stages(&self) -> usize {
+        match self {
+            SolverKind::Euler => 1,
+            SolverKind::Midpoint | SolverKind::Heun => 2,
+            SolverKind::Rk4 => 4,
+            SolverKind::Dopri5 => 6,
+        }
+    }
+
     pub fn solver(&self) -> Box<dyn Solver> {
         match self {
             SolverKind::Euler => Box::new(Euler),
@@ -162,6 +172,19 @@ impl SolverKind {
             SolverKind::Rk4 => Box::new(Rk4),
             SolverKind::Dopri5 => Box::new(Dopri5),
         }
+    }
+}
+
+/// v(x, t) at the start of a step: the caller's first-same-as-last value, or a fresh evaluation.
+pub(crate) fn first_stage(
+    rhs: &mut Rhs,
+    t: &[f64],
+    x: &Tensor,
+    f0: Option<Tensor>,
+) -> Result<Tensor> {
+    match f0 {
+        Some(f) => Ok(f),
+        None => rhs.eval(t, x),
     }
 }
 

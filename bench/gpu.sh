@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The prepared GPU run (on a lent H100/H200): B1 on the GPU, ours (a `cuda` build from
+# scripts/build-cuda.sh, carried as target-cuda/release/flowmatching) and PyTorch's, interleaved,
+# three rounds. Needs the flow_matching wheel carried in .whl/ (the machine has torch, torchdiffeq,
+# safetensors and tqdm). Writes $OUT/gpu-b1.jsonl.
+set -u
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+OURS=target-cuda/release/flowmatching
+OUTF=${OUT:-/tmp}/gpu-b1.jsonl
+for round in 1 2 3; do
+  timeout 120 "$OURS" bench b1 --device cuda --iters 50 --warmup 10 | tee -a "$OUTF"
+  timeout 120 python3 bench/peers.py b1 --device cuda --iters 50 --warmup 10 | tee -a "$OUTF"
+done

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds `flowmatching` with the `cuda` feature on a machine with no CUDA installed (the recipe measured in
+# shared/gpu/NOTES.md): the CUDA 13.0 toolkit from PyPI wheels in .cuda-venv/, link-time symlinks for the
+# versioned libraries, and a stub libcuda.so for the linker (the real driver is loaded at run time).
+#
+#   scripts/build-cuda.sh            -> target-cuda/release/flowmatching (compute capability 9.0: H100/H200)
+#
+# About 30 minutes cold on 2 cores (nvcc compiles candle-kernels); keep target-cuda/ between runs. Not part
+# of CI. To run the binary on the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda/lib64 (libcublas.so.13,
+# libcublasLt.so.13, libcurand.so.10 and the driver's libcuda.so.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.cuda-venv
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+  "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
+  "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*"
+CU=$("$VENV/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))")
+for lib in cublas cublasLt cudart nvrtc; do ln -sf "lib$lib.so.13" "$CU/lib/lib$lib.so"; done
+ln -sf libcurand.so.10 "$CU/lib/libcurand.so"
+
+# A libcuda.so.1 stub defining every cu* function that cudarc declares, for the linker only.
+cargo fetch -q
+SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys | head -n 1)
+STUB=$(mktemp -d)
+grep -ohE "fn cu[A-Za-z0-9_]+" "$SYS"/*.rs | sort -u | sed 's/^fn \(.*\)$/void \1(void) {}/' > "$STUB/stub.c"
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/libcuda.so" "$STUB/stub.c"
+rm -rf "$STUB"
+
+export NVCC="$CU/bin/nvcc" CUDA_HOME="$CU" CUDA_ROOT="$CU" CUDA_PATH="$CU" PATH="$CU/bin:$PATH"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
+export LIBRARY_PATH="$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CU/lib"
+cargo build --release -p flowmatching-cli --features cuda --target-dir target-cuda
+strip target-cuda/release/flowmatching
+ls -la target-cuda/release/flowmatching
