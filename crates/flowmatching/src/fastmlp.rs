@@ -665,7 +665,10 @@ fn exp_f32(x: f32) -> f32 {
             + r * (0.5
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // SAFETY: after the clamp, n is a whole number in [-126, 127], so the conversion is exact. (`as i32`
+    // would be too, but its NaN and saturation handling stops the loop from vectorising.)
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    p * f32::from_bits(((n + 127) << 23) as u32)
 }
 
 macro_rules! multiversion {
