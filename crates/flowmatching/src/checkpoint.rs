@@ -224,21 +224,8 @@ mod tests {
             .unwrap();
         losses.extend((0..3).map(|_| resumed.step(&Toy2d::Moons).unwrap()));
         assert_eq!(losses, losses_full);
-        for ((a, x), (_, y)) in full
-            .state_tensors()
-            .unwrap()
-            .iter()
-            .zip(resumed.state_tensors().unwrap().iter())
-        {
-            let d: f32 = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert_eq!(d, 0.0, "{a}");
+        for (n, d) in crate::testing::state_differences(&full, &resumed) {
+            assert_eq!(d, 0.0, "{n}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

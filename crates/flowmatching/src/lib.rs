@@ -37,3 +37,6 @@ pub mod solver;
 pub mod train;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+pub(crate) mod testing;

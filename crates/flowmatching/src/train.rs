@@ -615,20 +615,7 @@ pub(crate) mod tests {
                 "step {i}: {a} vs {b}"
             );
         }
-        for ((n, x), (_, y)) in fast
-            .state_tensors()
-            .unwrap()
-            .iter()
-            .zip(slow.state_tensors().unwrap().iter())
-        {
-            let d: f32 = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+        for (n, d) in crate::testing::state_differences(&fast, &slow) {
             assert!(d < 1e-3, "{n}: {d}");
         }
     }

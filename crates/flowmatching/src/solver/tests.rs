@@ -185,26 +185,12 @@ fn reverse_integration_returns_to_the_start() {
     let x = Tensor::new(&[[0.5f64], [-2.0]], &Device::Cpu).unwrap();
     let fwd = integrate(&Linear(0.7), &Rk4, &x, 0.0, 1.0, 50, false).unwrap();
     let back = integrate(&Linear(0.7), &Rk4, &fwd.x, 1.0, 0.0, 50, false).unwrap();
-    let d: f64 = (back.x - &x)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = crate::testing::max_abs_diff(&back.x, &x);
     assert!(d < 1e-8);
     let opts = SolveOptions::adaptive(Adaptive::new(1e-9, 1e-9).unwrap());
     let fwd = solve(&Linear(0.7), &Dopri5, &x, 0.0, 1.0, &opts).unwrap();
     let back = solve(&Linear(0.7), &Dopri5, &fwd.x, 1.0, 0.0, &opts).unwrap();
-    let d: f64 = (back.x - &x)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = crate::testing::max_abs_diff(&back.x, &x);
     assert!(d < 1e-7, "{d}");
 }
 
