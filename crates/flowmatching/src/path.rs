@@ -263,18 +263,7 @@ mod tests {
             .unwrap()
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testing::max_abs_diff as max_abs;
 
     /// d/dt x_t (by central differences of `sample`) equals the conditional velocity.
     #[test]
