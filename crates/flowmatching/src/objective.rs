@@ -119,7 +119,7 @@ mod tests {
     use super::*;
     use crate::empirical::EmpiricalField;
     use crate::path::AffinePath;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
 
     /// For the exact optimum of a finite data set, the optimal noise, score and x1 predictions all convert
     /// back to the same (marginal) velocity on the VP path: the objectives share one probability-flow ODE.
@@ -142,16 +142,7 @@ mod tests {
         for kind in [Prediction::Epsilon, Prediction::Score, Prediction::X1] {
             let p = field.predict(kind, &x, &t).unwrap();
             let back = path.to_velocity(kind, &p, &x, &t).unwrap();
-            let d: f64 = (back - &v)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::testing::max_abs_diff(&back, &v);
             assert!(d < 1e-8, "{kind:?}: {d}");
         }
     }
