@@ -32,6 +32,89 @@ pub enum Command {
     /// The flow-matching paper's ablation: DDPM, score matching, ScoreFlow, FM-diffusion and FM-OT trained
     /// alike, compared in a report with plots.
     Ablate(AblateArgs),
+    /// The evaluation classifier for image data (class accuracy of samples, features for FD).
+    Classifier(ClassifierArgs),
+    /// Image-model evaluation: FD of samples against the test set (with the train/test floor and a
+    /// Gaussian ceiling), class accuracy of guided samples, sample grids; writes a report.
+    ImageEval(ImageEvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifierArgs {
+    #[command(subcommand)]
+    pub command: ClassifierCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifierCommand {
+    /// Train the classifier on labelled images and print its test accuracy.
+    Train(ClassifierTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifierTrainArgs {
+    /// Labelled images: fashion-mnist, a folder with one sub-folder per class, ...
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    /// Held-out images for the printed accuracy (default for fashion-mnist: its test split).
+    #[arg(long)]
+    pub test_data: Option<String>,
+    /// Output file (.safetensors).
+    #[arg(long, default_value = "classifier.safetensors")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 6)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageEvalArgs {
+    /// A checkpoint of an image model.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The classifier file from `flowmatching classifier train`.
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// Output folder for report.md, results.json and grids.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training images (for the train/test floor and the Gaussian ceiling).
+    #[arg(long, default_value = "fashion-mnist")]
+    pub train_data: String,
+    /// Test images (the FD reference).
+    #[arg(long, default_value = "fashion-mnist:test")]
+    pub test_data: String,
+    /// Generated images per guidance weight (and real images per reference set).
+    #[arg(long, default_value_t = 10_000)]
+    pub num_samples: usize,
+    /// Guidance weights to evaluate (comma separated; conditional models only).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
+    pub guidance: Vec<f64>,
+    #[arg(long, value_enum, default_value = "midpoint")]
+    pub solver: SolverArg,
+    /// Steps of the fixed-step solver.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub tol: ToleranceArgs,
+    /// Samples integrated together.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -214,6 +297,91 @@ pub struct TrainArgs {
     /// Save a checkpoint every this many steps (and always at the end).
     #[arg(long, default_value_t = 1000)]
     pub checkpoint_every: u64,
+    /// The network: an MLP for points, a U-Net for images (auto picks by the data).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub model: ModelArg,
+    /// U-Net size: tiny (CPU, minutes) or small (GPU).
+    #[arg(long, value_enum, default_value = "small")]
+    pub unet: UNetPreset,
+    /// Override the U-Net's base channel count.
+    #[arg(long)]
+    pub base_channels: Option<usize>,
+    /// Train without the data's labels (no class conditioning, no guidance).
+    #[arg(long)]
+    pub unconditional: bool,
+    /// Probability of replacing a label by the null class (enables classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    pub label_dropout: f64,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Stop (with a checkpoint) after this many minutes of training; resume later with --resume.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+}
+
+/// Options for image data.
+#[derive(Debug, Clone, Args)]
+pub struct ImageDataArgs {
+    /// Folder with Fashion-MNIST's IDX files (default: /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Flip training images left-right at random.
+    #[arg(long)]
+    pub hflip: bool,
+    /// Resize a folder of images to this square size.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+}
+
+impl ImageDataArgs {
+    pub fn options(&self) -> crate::io::DataOptions {
+        crate::io::DataOptions {
+            data_dir: self.data_dir.clone(),
+            hflip: self.hflip,
+            image_size: self.image_size,
+        }
+    }
+}
+
+/// Where tensors live.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// cpu, or cuda (a build with `--features cuda`, see scripts/build-cuda.sh).
+    #[arg(long = "device", value_enum, default_value = "cpu")]
+    pub kind: DeviceArg,
+    /// On CUDA, allow TF32 tensor-core matrix products (faster, ~1e-3 relative rounding).
+    #[arg(long)]
+    pub tf32: bool,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        match self.kind {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda => {
+                let d = candle_core::Device::new_cuda(0).map_err(|e| {
+                    anyhow::anyhow!("no CUDA device ({e}); build with scripts/build-cuda.sh")
+                })?;
+                candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
+                Ok(d)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    Auto,
+    Mlp,
+    Unet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UNetPreset {
+    Tiny,
+    Small,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -262,6 +430,27 @@ pub struct SampleArgs {
     /// (<name>.trajectory.png).
     #[arg(long)]
     pub trajectory: bool,
+    /// Image models: write a PNG grid of the samples (one row per class for conditional models).
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Conditional models: classifier-free guidance weight w; v = v_uncond + w (v_cond - v_uncond),
+    /// so 0 is unconditional and 1 plain conditional (default 1).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Conditional models: draw every sample from this class (default: equal blocks of every class).
+    #[arg(long)]
+    pub class: Option<u32>,
+    /// Samples integrated together (image models).
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl SampleArgs {
+    pub fn per_sample_used(&self) -> bool {
+        self.tol.per_sample
+    }
 }
 
 #[derive(Debug, Args)]
@@ -300,7 +489,8 @@ pub struct LikelihoodArgs {
     #[arg(long, default_value_t = 2000)]
     pub batch_size: usize,
     /// Report bits/dim for 8-bit data mapped to model space by this factor per dimension
-    /// (1/256 for [0, 1] images, 2/256 for [-1, 1]).
+    /// (1/256 for [0, 1] images, 2/256 for [-1, 1]). Image data (fashion-mnist:test, a folder, ...) are
+    /// dequantized with uniform noise and use 2/256 automatically.
     #[arg(long)]
     pub bits_scale: Option<f64>,
     #[arg(long, default_value_t = 0)]
@@ -310,6 +500,10 @@ pub struct LikelihoodArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub raw_weights: bool,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Args)]

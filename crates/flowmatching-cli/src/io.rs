@@ -6,19 +6,27 @@ use anyhow::{bail, Context, Result};
 use flowmatching::checkpoint::write_atomic;
 use flowmatching::data::{DataSource, TensorDataset, Toy2d};
 
+use crate::images;
+
 /// Reads an N x D array of f32 or f64 from a .npy file (C or Fortran order).
 pub fn read_npy(path: &Path) -> Result<(Vec<f32>, usize)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .map_err(|e| anyhow::anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
-    let shape = npy.shape().to_vec();
+    let (data, shape) = read_npy_array(path)?;
     if shape.len() != 2 {
         bail!(
             "{}: expected a 2-D array (N x D), got shape {shape:?}",
             path.display()
         );
     }
-    let (n, d) = (shape[0] as usize, shape[1] as usize);
+    Ok((data, shape[1]))
+}
+
+/// Reads a float32 / float64 array of any rank (or a uint8 array, scaled to [-1, 1] as image pixels),
+/// in C order, with its shape.
+pub fn read_npy_array(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .map_err(|e| anyhow::anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
     let fortran = npy.order() == npyz::Order::Fortran;
     let npyz::DType::Plain(ts) = npy.dtype() else {
         bail!(
@@ -28,38 +36,53 @@ pub fn read_npy(path: &Path) -> Result<(Vec<f32>, usize)> {
     };
     let bad_dtype = || {
         anyhow::anyhow!(
-            "{}: dtype {ts} is not supported; use float32 or float64",
+            "{}: dtype {ts} is not supported; use float32, float64 (or uint8 for images)",
             path.display()
         )
     };
-    if ts.type_char() != npyz::TypeChar::Float {
-        return Err(bad_dtype());
-    }
-    let data: Vec<f32> = match ts.num_bytes() {
-        Some(4) => npy.into_vec::<f32>(),
-        Some(8) => npy
+    let data: Vec<f32> = match (ts.type_char(), ts.num_bytes()) {
+        (npyz::TypeChar::Float, Some(4)) => npy.into_vec::<f32>(),
+        (npyz::TypeChar::Float, Some(8)) => npy
             .into_vec::<f64>()
             .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        (npyz::TypeChar::Uint, Some(1)) => npy
+            .into_vec::<u8>()
+            .map(|v| v.into_iter().map(crate::images::to_unit).collect()),
         _ => return Err(bad_dtype()),
     }
     .map_err(|e| anyhow::anyhow!("{}: truncated or unreadable data ({e})", path.display()))?;
-    if data.len() != n * d {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| anyhow::anyhow!("{}: shape {shape:?} overflows", path.display()))?;
+    if data.len() != count {
         bail!(
-            "{}: header says {n} x {d} but the file holds {} values",
+            "{}: header says shape {shape:?} but the file holds {} values",
             path.display(),
             data.len()
         );
     }
-    if !fortran {
-        return Ok((data, d));
+    if !fortran || shape.len() < 2 {
+        return Ok((data, shape));
     }
-    let mut c = vec![0f32; n * d];
-    for i in 0..n {
-        for j in 0..d {
-            c[i * d + j] = data[j * n + i];
+    // Fortran order: the first index varies fastest. Reorder to C order.
+    let mut c = vec![0f32; count];
+    let mut idx = vec![0usize; shape.len()];
+    for v in data {
+        let mut off = 0;
+        for (i, &d) in idx.iter().zip(&shape) {
+            off = off * d + i;
+        }
+        c[off] = v;
+        for (i, &d) in idx.iter_mut().zip(&shape) {
+            *i += 1;
+            if *i < d {
+                break;
+            }
+            *i = 0;
         }
     }
-    Ok((c, d))
+    Ok((c, shape))
 }
 
 /// Writes an f32 array of the given shape as .npy, atomically.
@@ -127,29 +150,107 @@ pub fn read_csv(path: &Path) -> Result<(Vec<f32>, usize)> {
     Ok((data, dim))
 }
 
+/// How to open image data.
+#[derive(Debug, Clone, Default)]
+pub struct DataOptions {
+    /// Where Fashion-MNIST's IDX files are (default: Debian's package folder).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Random horizontal flips (images only).
+    pub hflip: bool,
+    /// Resize a folder of images to this square size.
+    pub image_size: Option<usize>,
+}
+
 /// `--data`: a built-in 2-D set by name, or a .npy / .csv file.
 pub fn open_data(spec: &str) -> Result<Box<dyn DataSource>> {
+    open_data_with(spec, &DataOptions::default())
+}
+
+/// `--data` with image options: also `fashion-mnist` (its training half), `fashion-mnist:test`, a folder
+/// of images (sub-folders are classes), or a .npy of images (N x H x W or N x C x H x W).
+pub fn open_data_with(spec: &str, o: &DataOptions) -> Result<Box<dyn DataSource>> {
     if let Some(toy) = Toy2d::from_name(spec) {
+        if o.hflip {
+            bail!("--hflip needs image data; '{spec}' is a 2-D point set");
+        }
         return Ok(Box::new(toy));
     }
+    let image = |ds: TensorDataset| -> Result<Box<dyn DataSource>> {
+        Ok(Box::new(ds.with_hflip(o.hflip)?))
+    };
+    if is_image_spec(spec) {
+        return image(open_image_set(spec, o)?);
+    }
     let path = Path::new(spec);
-    let (data, dim) = match path
+    let ext = path
         .extension()
         .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("npy") => read_npy(path)?,
-        Some("csv") | Some("txt") | Some("tsv") => read_csv(path)?,
+        .map(str::to_ascii_lowercase);
+    let ds = match ext.as_deref() {
+        Some("npy") => npy_set(path, spec)?,
+        Some("csv") | Some("txt") | Some("tsv") => {
+            let (data, dim) = read_csv(path)?;
+            TensorDataset::new(data, dim, spec)?
+        }
         _ => {
             let names: Vec<&str> = Toy2d::ALL.iter().map(|d| d.name()).collect();
             bail!(
-                "--data '{spec}' is neither a built-in data set ({}) nor a .npy or .csv file",
+                "--data '{spec}' is neither a built-in data set ({}, fashion-mnist) nor a .npy or .csv \
+                 file or a folder of images",
                 names.join(", ")
             )
         }
     };
-    Ok(Box::new(TensorDataset::new(data, dim, spec)?))
+    if o.hflip {
+        image(ds)
+    } else {
+        Ok(Box::new(ds))
+    }
+}
+
+/// Whether `spec` names image data by itself (Fashion-MNIST or a folder).
+fn is_image_spec(spec: &str) -> bool {
+    spec.starts_with("fashion-mnist") || Path::new(spec).is_dir()
+}
+
+/// Image data as an in-memory set: `fashion-mnist[:train|:test]`, a folder of images, or a .npy of
+/// N x [C x] H x W images.
+pub fn open_image_set(spec: &str, o: &DataOptions) -> Result<TensorDataset> {
+    match spec {
+        "fashion-mnist" | "fashion-mnist:train" => {
+            return images::fashion_mnist(o.data_dir.as_deref(), images::Split::Train)
+        }
+        "fashion-mnist:test" => {
+            return images::fashion_mnist(o.data_dir.as_deref(), images::Split::Test)
+        }
+        s if s.starts_with("fashion-mnist") => {
+            bail!("unknown Fashion-MNIST split '{s}': use fashion-mnist, fashion-mnist:train or fashion-mnist:test")
+        }
+        _ => {}
+    }
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(images::image_folder(path, o.image_size)?.0);
+    }
+    let ds = npy_set(path, spec)?;
+    if ds.image_shape().is_none() {
+        bail!(
+            "{spec}: expected images (N x H x W or N x C x H x W), got points of {} values",
+            ds.dim()
+        );
+    }
+    Ok(ds)
+}
+
+/// A .npy file as points (N x D) or images (N x H x W, N x C x H x W).
+fn npy_set(path: &Path, spec: &str) -> Result<TensorDataset> {
+    let (data, shape) = read_npy_array(path)?;
+    Ok(match shape[..] {
+        [_, d] => TensorDataset::new(data, d, spec)?,
+        [_, h, w] => TensorDataset::new(data, h * w, spec)?.with_image_shape([1, h, w])?,
+        [_, c, h, w] => TensorDataset::new(data, c * h * w, spec)?.with_image_shape([c, h, w])?,
+        _ => bail!("{spec}: expected N x D points or N x [C x] H x W images, got shape {shape:?}"),
+    })
 }
 
 /// The rows of a data file (`None` for a built-in set).

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cmd;
+mod images;
 mod io;
 mod plot;
 mod progress;
@@ -24,6 +25,8 @@ fn main() {
         cli::Command::Solvers(a) => cmd::solvers::run(a),
         cli::Command::Bench(a) => cmd::bench::run(a),
         cli::Command::Ablate(a) => cmd::ablate::run(a),
+        cli::Command::Classifier(a) => cmd::classifier::run(a),
+        cli::Command::ImageEval(a) => cmd::image_eval::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

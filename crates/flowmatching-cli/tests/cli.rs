@@ -356,3 +356,189 @@ fn ablate_quick_smoke() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A tiny Fashion-MNIST look-alike in the IDX layout: 8x8 images of two classes (a bright left or right
+/// half), gzip-free (the loader takes both).
+fn fake_fashion(dir: &Path, split: &str, n: usize) {
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n as u32, 8, 8] {
+        images.extend(d.to_be_bytes());
+    }
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend((n as u32).to_be_bytes());
+    for i in 0..n {
+        let class = (i % 2) as u8;
+        for _y in 0..8 {
+            for x in 0..8 {
+                let on = (x < 4) == (class == 0);
+                images.push(if on {
+                    200 + (i % 50) as u8
+                } else {
+                    (i % 30) as u8
+                });
+            }
+        }
+        labels.push(class);
+    }
+    std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), images).unwrap();
+    std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), labels).unwrap();
+}
+
+/// Images end to end: a class-conditional U-Net trained on IDX data, guided samples with a grid, the
+/// classifier, and the FD / accuracy report; plus the errors a user meets on the way.
+#[test]
+fn images_train_sample_classify_and_evaluate() {
+    let d = tmpdir("images");
+    let data = d.join("fashion");
+    std::fs::create_dir_all(&data).unwrap();
+    fake_fashion(&data, "train", 64);
+    fake_fashion(&data, "t10k", 32);
+    let dd = data.to_str().unwrap();
+    let ck = d.join("run");
+    let o = run(&[
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+        "--unet",
+        "tiny",
+        "--base-channels",
+        "8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::read_to_string(ck.join("checkpoint.json")).unwrap();
+    assert!(
+        meta.contains("\"unet\"") && meta.contains("\"num_classes\": 10"),
+        "{meta}"
+    );
+
+    let samples = d.join("s.npy");
+    let grid = d.join("grid.png");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--num-samples",
+        "4",
+        "--steps",
+        "2",
+        "--guidance",
+        "2",
+        "--out",
+        samples.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_npy_len(&samples), 4 * 64);
+    let stats = std::fs::read_to_string(d.join("s.stats.json")).unwrap();
+    // Midpoint, 2 steps, guided: 2 stages x 2 steps x 2 evaluations.
+    assert!(stats.contains("\"nfe\": 8"), "{stats}");
+    assert!(std::fs::metadata(&grid).unwrap().len() > 50);
+
+    let clf = d.join("clf.safetensors");
+    let o = run(&[
+        "classifier",
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        clf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("test accuracy"));
+
+    let report = d.join("eval");
+    let o = run(&[
+        "image-eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--data-dir",
+        dd,
+        "--num-samples",
+        "20",
+        "--guidance",
+        "0,2",
+        "--steps",
+        "2",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = std::fs::read_to_string(report.join("results.json")).unwrap();
+    assert!(
+        r.contains("fd_gaussian_vs_test") && r.contains("class_accuracy"),
+        "{r}"
+    );
+    assert!(report.join("samples-w2.png").exists() && report.join("report.md").exists());
+
+    // Errors: guidance out of range, a class that does not exist, guidance on a 2-D model, missing data.
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--class",
+        "12",
+        "--num-samples",
+        "2",
+        "--out",
+        samples.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "class 12 does not exist");
+    let o = run(&[
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        d.join("nowhere").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "apt-get install dataset-fashion-mnist");
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--model",
+        "unet",
+        "--steps",
+        "1",
+        "--out",
+        d.join("y").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "needs image data");
+    let o = run(&[
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+        "--label-dropout",
+        "1.5",
+        "--unet",
+        "tiny",
+        "--steps",
+        "1",
+        "--out",
+        d.join("z").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "label dropout");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -59,14 +59,10 @@ fn tmp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Saves the trainer's whole state into folder `dir` (created if needed).
-pub fn save(trainer: &Trainer, dir: &Path, loss: Option<f64>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
-    let weights_file = format!("weights-{:08}.safetensors", trainer.step_count());
-    let weights_path = dir.join(&weights_file);
-    let tmp = tmp_name(&weights_path);
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| {
+/// Writes tensors as a safetensors file, atomically; returns the bytes written (for checksums).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
+    let tmp = tmp_name(path);
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::Checkpoint {
             path: tmp.display().to_string(),
@@ -75,7 +71,16 @@ pub fn save(trainer: &Trainer, dir: &Path, loss: Option<f64>) -> Result<()> {
     })?;
     let bytes = std::fs::read(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let _ = std::fs::remove_file(&tmp);
-    write_atomic(&weights_path, &bytes)?;
+    write_atomic(path, &bytes)?;
+    Ok(bytes)
+}
+
+/// Saves the trainer's whole state into folder `dir` (created if needed).
+pub fn save(trainer: &Trainer, dir: &Path, loss: Option<f64>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
+    let weights_file = format!("weights-{:08}.safetensors", trainer.step_count());
+    let bytes = save_tensors(&tensors, &dir.join(&weights_file))?;
     let (rng_data, rng_noise) = trainer.rng_states();
     let meta = CheckpointMeta {
         config: trainer.config().clone(),

@@ -14,6 +14,23 @@ pub trait DataSource: Send + Sync {
     fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32>;
     /// A short description for logs and checkpoints.
     fn describe(&self) -> String;
+
+    /// Number of classes when examples carry labels (0: unlabelled).
+    fn num_classes(&self) -> usize {
+        0
+    }
+
+    /// `n` examples and their labels (empty for unlabelled data), drawing exactly what [`sample`] draws.
+    ///
+    /// [`sample`]: DataSource::sample
+    fn sample_labeled(&self, rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<u32>) {
+        (self.sample(rng, n), vec![])
+    }
+
+    /// (channels, height, width) when the examples are images.
+    fn image_shape(&self) -> Option<[usize; 3]> {
+        None
+    }
 }
 
 /// The built-in 2-D distributions, sampled afresh for every batch.
@@ -143,11 +160,17 @@ impl DataSource for Toy2d {
 }
 
 /// A finite data set held in memory; minibatches are drawn uniformly with replacement.
+///
+/// Optionally labelled (class ids for conditioning) and shaped as images (C, H, W), with random
+/// horizontal flips as augmentation.
 #[derive(Debug, Clone)]
 pub struct TensorDataset {
     data: Vec<f32>,
     dim: usize,
     name: String,
+    labels: Option<(Vec<u32>, usize)>,
+    image: Option<[usize; 3]>,
+    hflip: bool,
 }
 
 impl TensorDataset {
@@ -171,7 +194,62 @@ impl TensorDataset {
                 data[i]
             )));
         }
-        Ok(Self { data, dim, name })
+        Ok(Self {
+            data,
+            dim,
+            name,
+            labels: None,
+            image: None,
+            hflip: false,
+        })
+    }
+
+    /// Attaches one class id per row, each below `num_classes`.
+    pub fn with_labels(mut self, labels: Vec<u32>, num_classes: usize) -> Result<Self> {
+        if labels.len() != self.len() {
+            return Err(Error::Data(format!(
+                "{}: {} labels for {} examples",
+                self.name,
+                labels.len(),
+                self.len()
+            )));
+        }
+        if let Some(i) = labels.iter().position(|&l| l as usize >= num_classes) {
+            return Err(Error::Data(format!(
+                "{}: label {} of example {i} is not below the number of classes {num_classes}",
+                self.name, labels[i]
+            )));
+        }
+        self.labels = Some((labels, num_classes));
+        Ok(self)
+    }
+
+    /// Declares the rows to be C x H x W images.
+    pub fn with_image_shape(mut self, shape: [usize; 3]) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.dim {
+            return Err(Error::Data(format!(
+                "{}: image shape {shape:?} does not hold rows of {} values",
+                self.name, self.dim
+            )));
+        }
+        self.image = Some(shape);
+        Ok(self)
+    }
+
+    /// Flips each drawn image left-right with probability 1/2 (images only).
+    pub fn with_hflip(mut self, on: bool) -> Result<Self> {
+        if on && self.image.is_none() {
+            return Err(Error::Config(format!(
+                "{}: horizontal flips need image data",
+                self.name
+            )));
+        }
+        self.hflip = on;
+        Ok(self)
+    }
+
+    pub fn labels(&self) -> Option<&[u32]> {
+        self.labels.as_ref().map(|(l, _)| l.as_slice())
     }
 
     pub fn len(&self) -> usize {
@@ -193,16 +271,38 @@ impl DataSource for TensorDataset {
     }
 
     fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32> {
+        self.sample_labeled(rng, n).0
+    }
+
+    fn sample_labeled(&self, rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<u32>) {
         let mut out = Vec::with_capacity(n * self.dim);
+        let mut labels = vec![];
         for _ in 0..n {
             let i = rng.below(self.len());
-            out.extend_from_slice(&self.data[i * self.dim..(i + 1) * self.dim]);
+            let row = &self.data[i * self.dim..(i + 1) * self.dim];
+            match self.image {
+                Some([_, _, w]) if self.hflip && rng.below(2) == 1 => {
+                    out.extend(row.chunks(w).flat_map(|line| line.iter().rev()));
+                }
+                _ => out.extend_from_slice(row),
+            }
+            if let Some((l, _)) = &self.labels {
+                labels.push(l[i]);
+            }
         }
-        out
+        (out, labels)
     }
 
     fn describe(&self) -> String {
         format!("{} ({} x {})", self.name, self.len(), self.dim)
+    }
+
+    fn num_classes(&self) -> usize {
+        self.labels.as_ref().map_or(0, |(_, k)| *k)
+    }
+
+    fn image_shape(&self) -> Option<[usize; 3]> {
+        self.image
     }
 }
 
@@ -242,5 +342,41 @@ mod tests {
         let d = TensorDataset::new(vec![1.0, 2.0, 3.0, 4.0], 2, "x").unwrap();
         let b = d.sample(&mut Rng::new(0), 5);
         assert!(b.chunks(2).all(|r| r == [1.0, 2.0] || r == [3.0, 4.0]));
+        assert!(d.clone().with_labels(vec![0], 2).is_err());
+        assert!(d.clone().with_labels(vec![0, 2], 2).is_err());
+        assert!(d.clone().with_image_shape([1, 3, 1]).is_err());
+        assert!(d.with_hflip(true).is_err());
+    }
+
+    /// Labels travel with their rows; flips mirror each image row and leave labels alone.
+    #[test]
+    fn labelled_images_flip_left_right() {
+        // Two 1x2x3 images, labelled 0 and 1.
+        let data: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let d = TensorDataset::new(data.clone(), 6, "img")
+            .unwrap()
+            .with_labels(vec![0, 1], 2)
+            .unwrap()
+            .with_image_shape([1, 2, 3])
+            .unwrap()
+            .with_hflip(true)
+            .unwrap();
+        assert_eq!(d.num_classes(), 2);
+        let (x, y) = d.sample_labeled(&mut Rng::new(1), 200);
+        let (mut flipped, mut plain) = (0, 0);
+        for (row, &l) in x.chunks(6).zip(&y) {
+            let orig = &data[l as usize * 6..l as usize * 6 + 6];
+            let mirror: Vec<f32> = orig
+                .chunks(3)
+                .flat_map(|r| r.iter().rev().copied())
+                .collect();
+            if row == orig {
+                plain += 1;
+            } else {
+                assert_eq!(row, &mirror[..]);
+                flipped += 1;
+            }
+        }
+        assert!(flipped > 60 && plain > 60, "{flipped} {plain}");
     }
 }

@@ -11,20 +11,26 @@
 //! - [`path`]: the affine Gaussian path x_t = sigma_t x0 + alpha_t x1 over any scheduler, its regression
 //!   targets and the conversions between velocity, x1, noise and score predictions;
 //! - [`empirical`]: the exact marginal field of a finite data set (the optimum a model approximates);
-//! - [`model`]: the [`model::VelocityField`] trait and the MLP;
+//! - [`model`]: the [`model::VelocityField`] trait and the MLP; [`unet`]: the image U-Net;
+//! - [`guidance`]: classifier-free guidance;
 //! - [`objective`]: FM-OT, FM-diffusion, DDPM, score matching and ScoreFlow as data (path, prediction,
 //!   weight);
 //! - [`optim`] and [`train`]: AdamW, warm-up, clipping, EMA and the CFM training step;
 //! - [`fastmlp`]: the fused CPU engine that trains and evaluates MLPs;
 //! - [`checkpoint`]: atomic, checksummed checkpoints with exact resume;
 //! - [`solver`]: ODE solvers with exact NFE statistics;
-//! - [`data`] and [`metrics`]: built-in 2-D data sets and sample-quality measures.
+//! - [`data`] and [`metrics`]: built-in 2-D data sets and sample-quality measures;
+//! - [`classifier`] and [`frechet`]: the image classifier and the Frechet distance of its features.
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod data;
 pub mod empirical;
 pub mod error;
 pub mod fastmlp;
+pub mod frechet;
+pub mod guidance;
+pub mod layers;
 pub mod likelihood;
 pub mod metrics;
 pub mod model;
@@ -35,6 +41,7 @@ pub mod rng;
 pub mod scheduler;
 pub mod solver;
 pub mod train;
+pub mod unet;
 
 pub use error::{Error, Result};
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+pub use crate::unet::{UNet, UNetConfig};
 
 /// A time-dependent vector field v(x, t): anything a solver can integrate.
 pub trait VelocityField {
@@ -23,6 +24,13 @@ pub trait VelocityField {
     ) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         Ok(None)
     }
+
+    /// Network evaluations per call of [`VelocityField::forward`] on a batch (2 for classifier-free
+    /// guidance, which evaluates the conditional and the unconditional field together). Solvers count
+    /// NFE with it.
+    fn evals_per_call(&self) -> usize {
+        1
+    }
 }
 
 impl<F: VelocityField + ?Sized> VelocityField for &F {
@@ -31,6 +39,9 @@ impl<F: VelocityField + ?Sized> VelocityField for &F {
     }
     fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         (**self).jvp(x, t, u)
+    }
+    fn evals_per_call(&self) -> usize {
+        (**self).evals_per_call()
     }
 }
 
@@ -41,6 +52,9 @@ impl<F: VelocityField + ?Sized> VelocityField for Box<F> {
     fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         (**self).jvp(x, t, u)
     }
+    fn evals_per_call(&self) -> usize {
+        (**self).evals_per_call()
+    }
 }
 
 /// The trainable parameters of a model, in a fixed order with stable names.
@@ -50,7 +64,7 @@ pub struct Params {
 }
 
 impl Params {
-    fn add(&mut self, name: String, value: Tensor) -> Result<Var> {
+    pub(crate) fn add(&mut self, name: String, value: Tensor) -> Result<Var> {
         let var = Var::from_tensor(&value)?;
         self.entries.push((name, var.clone()));
         Ok(var)
@@ -172,6 +186,26 @@ impl Init<'_> {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?)
+    }
+
+    /// N(0, std^2) entries.
+    pub fn normal<S: Into<candle_core::Shape>>(&mut self, shape: S, std: f64) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| (self.rng.normal() * std) as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
+    }
+
+    /// Every entry equal to `value`.
+    pub fn constant<S: Into<candle_core::Shape>>(
+        &mut self,
+        shape: S,
+        value: f64,
+    ) -> Result<Tensor> {
+        Ok(Tensor::full(value, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 }
 
@@ -354,10 +388,12 @@ impl VelocityField for Mlp {
 }
 
 /// A serialisable model description, as stored in checkpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelConfig {
     Mlp(MlpConfig),
+    #[serde(rename = "unet")]
+    UNet(UNetConfig),
 }
 
 impl ModelConfig {
@@ -371,6 +407,7 @@ impl ModelConfig {
         };
         let model = match self {
             ModelConfig::Mlp(c) => Model::Mlp(Mlp::new(*c, &mut params, &mut init)?),
+            ModelConfig::UNet(c) => Model::UNet(UNet::new(c.clone(), &mut params, &mut init)?),
         };
         Ok((model, params))
     }
@@ -379,6 +416,23 @@ impl ModelConfig {
     pub fn dim(&self) -> usize {
         match self {
             ModelConfig::Mlp(c) => c.dim,
+            ModelConfig::UNet(c) => c.dim(),
+        }
+    }
+
+    /// Classes the model is conditioned on (0: unconditional).
+    pub fn num_classes(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(_) => 0,
+            ModelConfig::UNet(c) => c.num_classes,
+        }
+    }
+
+    /// (channels, height, width) for image models.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        match self {
+            ModelConfig::Mlp(_) => None,
+            ModelConfig::UNet(c) => Some([c.channels, c.height, c.width]),
         }
     }
 }
@@ -389,6 +443,7 @@ pub enum Model {
     Mlp(Mlp),
     /// An MLP evaluated by the fused CPU engine (inference only; see [`Model::frozen`]).
     FastMlp(crate::fastmlp::FastMlp),
+    UNet(UNet),
 }
 
 impl Model {
@@ -401,7 +456,39 @@ impl Model {
             ),
             Model::Mlp(m) => Model::Mlp(m.frozen()),
             Model::FastMlp(m) => Model::FastMlp(m.clone()),
+            Model::UNet(m) => Model::UNet(m.frozen()),
         })
+    }
+
+    /// Classes the model is conditioned on (0: unconditional; the null class is `num_classes`).
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Model::UNet(m) => m.config().num_classes,
+            _ => 0,
+        }
+    }
+
+    /// v(x, t | y): the class-conditional field for per-row labels (None: unconditional).
+    pub fn forward_cond(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        match (self, labels) {
+            (Model::UNet(m), _) => m.forward_cond(x, t, labels),
+            (_, None) => self.forward(x, t),
+            (_, Some(_)) => Err(Error::Config(
+                "this model is not class-conditional; it takes no labels".into(),
+            )),
+        }
+    }
+}
+
+/// A conditional model with its labels fixed: the field v(x, t | y) as a [`VelocityField`].
+pub struct Labeled<'a> {
+    pub model: &'a Model,
+    pub labels: Tensor,
+}
+
+impl VelocityField for Labeled<'_> {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward_cond(x, t, Some(&self.labels))
     }
 }
 
@@ -410,6 +497,7 @@ impl VelocityField for Model {
         match self {
             Model::Mlp(m) => m.forward(x, t),
             Model::FastMlp(m) => m.forward(x, t),
+            Model::UNet(m) => m.forward_cond(x, t, None),
         }
     }
 
@@ -417,6 +505,7 @@ impl VelocityField for Model {
         match self {
             Model::Mlp(m) => m.jvp(x, t, u),
             Model::FastMlp(m) => m.jvp(x, t, u),
+            Model::UNet(_) => Ok(None),
         }
     }
 }

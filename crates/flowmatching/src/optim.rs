@@ -89,13 +89,16 @@ impl AdamW {
         let k = self.steps as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k));
         for (((var, g), m), v) in params.vars().zip(grads).zip(&mut self.m).zip(&mut self.v) {
+            // Gradients from autograd carry the graph that made them (activations included); the
+            // moments must not, or every step's graph would stay alive through them.
+            let g = &g.detach();
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = (&*m * (lr / bc1))?.div(&((&*v * (1.0 / bc2))?.sqrt()? + c.eps)?)?;
             let decayed = if c.weight_decay > 0.0 {
-                (var.as_tensor() * (1.0 - lr * c.weight_decay))?
+                (var.as_tensor().detach() * (1.0 - lr * c.weight_decay))?
             } else {
-                var.as_tensor().clone()
+                var.as_tensor().detach()
             };
             var.set(&(decayed - update)?)?;
         }

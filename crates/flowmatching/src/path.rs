@@ -221,6 +221,10 @@ impl<F: crate::model::VelocityField + ?Sized> crate::model::VelocityField for As
             .collect::<Result<Vec<_>>>()?;
         Ok(Some((v, jv)))
     }
+
+    fn evals_per_call(&self) -> usize {
+        self.field.evals_per_call()
+    }
 }
 
 /// A per-row column shaped (B, 1, ..., 1) to broadcast against `like` (dtype and device of `like`).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataSource;
 use crate::error::{Error, Result};
-use crate::model::{Model, ModelConfig, Params, VelocityField};
+use crate::model::{Labeled, Model, ModelConfig, Params, VelocityField};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fastmlp::{ema_update, FlatAdamW, MlpEngine};
@@ -45,6 +45,10 @@ pub struct TrainConfig {
     /// EMA decay of the weights used for sampling (0: no averaging, sampling uses the raw weights).
     pub ema_decay: f64,
     pub seed: u64,
+    /// Class-conditional models: probability of replacing a label with the null class during training,
+    /// so one network also learns the unconditional field that classifier-free guidance needs.
+    #[serde(default)]
+    pub label_dropout: f64,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +62,7 @@ impl Default for TrainConfig {
             grad_clip: Some(1.0),
             ema_decay: 0.999,
             seed: 0,
+            label_dropout: 0.1,
         }
     }
 }
@@ -102,6 +107,12 @@ impl RunConfig {
             return Err(Error::Config(format!(
                 "EMA decay must lie in [0, 1), got {}",
                 t.ema_decay
+            )));
+        }
+        if !(0.0..=1.0).contains(&t.label_dropout) {
+            return Err(Error::Config(format!(
+                "label dropout must lie in [0, 1], got {}",
+                t.label_dropout
             )));
         }
         self.path.build()?;
@@ -267,9 +278,29 @@ impl Trainer {
             )));
         }
         let b = self.config.train.batch_size;
-        let x1 = data.sample(&mut self.rng_data, b);
+        let classes = self.config.model.num_classes();
+        if classes > 0 && data.num_classes() != classes {
+            return Err(Error::Data(format!(
+                "the model is conditioned on {classes} classes but the data {} have {}",
+                data.describe(),
+                if data.num_classes() == 0 {
+                    "no labels".to_string()
+                } else {
+                    format!("{} classes", data.num_classes())
+                }
+            )));
+        }
+        let (x1, mut labels) = data.sample_labeled(&mut self.rng_data, b);
         let x0 = self.rng_noise.normal_vec(b * dim);
         let t = self.rng_noise.uniform_vec(b);
+        if classes > 0 {
+            let p = self.config.train.label_dropout;
+            for l in labels.iter_mut() {
+                if self.rng_noise.uniform() < p {
+                    *l = classes as u32;
+                }
+            }
+        }
         let weights = self.config.weighting.weights(&self.config.path, &t)?;
         let c = self.config.train;
         let lr = scheduled_lr(
@@ -284,8 +315,18 @@ impl Trainer {
             Engine::Candle { opt, ema } => {
                 let x1 = Tensor::from_vec(x1, (b, dim), &self.device)?;
                 let x0 = Tensor::from_vec(x0, (b, dim), &self.device)?;
+                let labeled;
+                let field: &dyn VelocityField = if classes > 0 {
+                    labeled = Labeled {
+                        model: &self.model,
+                        labels: Tensor::from_vec(labels, b, &self.device)?,
+                    };
+                    &labeled
+                } else {
+                    &self.model
+                };
                 let loss = cfm_loss(
-                    &self.model,
+                    field,
                     &self.path,
                     self.config.prediction,
                     &x0,

@@ -141,6 +141,7 @@ fn run_config(obj: Objective, s: &Sizes, seed: u64, data: &str) -> RunConfig {
             grad_clip: Some(1.0),
             ema_decay: 0.999,
             seed,
+            label_dropout: 0.0,
         },
         data: data.into(),
     }

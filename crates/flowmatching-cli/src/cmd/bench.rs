@@ -64,6 +64,7 @@ pub fn train_config(
             grad_clip: None,
             ema_decay: 0.0,
             seed: 0,
+            label_dropout: 0.0,
         },
         data: "checkerboard".into(),
     }

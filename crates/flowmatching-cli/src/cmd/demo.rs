@@ -51,6 +51,7 @@ pub fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) 
             grad_clip: Some(1.0),
             ema_decay: 0.999,
             seed,
+            label_dropout: 0.0,
         },
         data: "checkerboard".into(),
     }
@@ -87,7 +88,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "demo: training a flow-matching MLP on checkerboard for {} steps",
         a.steps
     );
-    let outcome = train::run_loop(&mut trainer, &data, &a.out, 0)?;
+    let outcome = train::run_loop(&mut trainer, &data, &a.out, 0, None)?;
     if outcome.interrupted {
         return Ok(());
     }

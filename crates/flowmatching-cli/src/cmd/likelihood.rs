@@ -3,8 +3,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use flowmatching::checkpoint::Checkpoint;
+use flowmatching::data::DataSource;
 use flowmatching::likelihood::{
     bits_per_dim, log_likelihood, mean_and_se, Divergence, LikelihoodOptions, Probe,
 };
@@ -15,7 +16,7 @@ use serde::Serialize;
 
 use crate::cli::LikelihoodArgs;
 use crate::cmd::sample;
-use crate::io;
+use crate::{images, io};
 
 #[derive(Serialize)]
 struct Report {
@@ -32,6 +33,25 @@ struct Report {
     nfe_mean: f64,
     nfe_total: usize,
     seconds: f64,
+}
+
+/// Up to `n` images from an image set, uniformly dequantized: each pixel byte b becomes
+/// (b + u) / 128 - 1 with u ~ U[0, 1), so the data have a density and bits/dim use the scale 2/256.
+fn dequantized_images(
+    spec: &str,
+    opts: &io::DataOptions,
+    n: Option<usize>,
+    seed: u64,
+) -> Result<(Vec<f32>, usize)> {
+    let ds = io::open_image_set(spec, opts)?;
+    let dim = ds.dim();
+    let take = n.unwrap_or(ds.len()).min(ds.len());
+    let mut rng = Rng::new(seed).fork(201);
+    let rows = ds.rows()[..take * dim]
+        .iter()
+        .map(|&v| ((images::to_byte(v) as f64 + rng.uniform()) / 128.0 - 1.0) as f32)
+        .collect();
+    Ok((rows, dim))
 }
 
 /// Up to `n` points from `spec`: the first rows of a file, or fresh draws from a built-in set.
@@ -68,9 +88,16 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
             bail!("--bits-scale must be positive, got {s}");
         }
     }
-    let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
+    let device = a.device.device()?;
+    let ckpt = Checkpoint::load(&a.checkpoint, &device)?;
     let config = &ckpt.meta.config;
-    let (rows, dim) = points(&a.data, a.num_samples, a.seed)?;
+    let images = config.model.image_shape().is_some();
+    let (rows, dim) = if images {
+        dequantized_images(&a.data, &a.images.options(), a.num_samples, a.seed)?
+    } else {
+        points(&a.data, a.num_samples, a.seed)?
+    };
+    let bits_scale = a.bits_scale.or(images.then_some(2.0 / 256.0));
     if dim != config.model.dim() {
         bail!(
             "the model is {}-dimensional but {} has {dim} columns",
@@ -78,7 +105,7 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
             a.data
         );
     }
-    let model = ckpt.model(&Device::Cpu, !a.raw_weights)?;
+    let model = ckpt.model(&device, !a.raw_weights)?;
     let path = AffinePath::from_config(&config.path)?;
     let field = AsVelocity {
         field: &model,
@@ -96,7 +123,7 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
     let start = Instant::now();
     let (mut log_p, mut nfe) = (Vec::with_capacity(n), vec![]);
     for chunk in rows.chunks(a.batch_size * dim) {
-        let x = Tensor::from_vec(chunk.to_vec(), (chunk.len() / dim, dim), &Device::Cpu)?;
+        let x = Tensor::from_vec(chunk.to_vec(), (chunk.len() / dim, dim), &device)?;
         let ll = log_likelihood(&field, &x, &opts)?;
         nfe.push(ll.stats.nfe);
         log_p.extend(ll.log_p);
@@ -118,7 +145,7 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
         atol: a.tol.atol,
         nll_nats: nll,
         nll_standard_error: se,
-        bits_per_dim: a.bits_scale.map(|s| bits_per_dim(nll, dim, s)),
+        bits_per_dim: bits_scale.map(|s| bits_per_dim(nll, dim, s)),
         nfe_mean: nfe.iter().sum::<usize>() as f64 / nfe.len() as f64,
         nfe_total: nfe.iter().sum(),
         seconds: start.elapsed().as_secs_f64(),

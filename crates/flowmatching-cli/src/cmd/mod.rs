@@ -2,7 +2,9 @@
 
 pub mod ablate;
 pub mod bench;
+pub mod classifier;
 pub mod demo;
+pub mod image_eval;
 pub mod likelihood;
 pub mod sample;
 pub mod solvers;

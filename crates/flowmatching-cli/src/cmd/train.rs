@@ -5,17 +5,16 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use flowmatching::checkpoint::{self, Checkpoint};
 use flowmatching::data::DataSource;
-use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::scheduler::SchedulerConfig;
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
-use crate::cli::{ActivationArg, LrDecayArg, PathArg, TimeArg, TrainArgs};
+use crate::cli::{ActivationArg, LrDecayArg, ModelArg, PathArg, TimeArg, TrainArgs, UNetPreset};
 use crate::io;
 use crate::progress;
 
@@ -33,6 +32,7 @@ pub fn run_loop(
     data: &dyn DataSource,
     out: &Path,
     every: u64,
+    max_minutes: Option<f64>,
 ) -> Result<Outcome> {
     let total = trainer.config().train.steps;
     let bar = progress::training_bar(total, trainer.step_count());
@@ -58,11 +58,13 @@ pub fn run_loop(
         if every > 0 && step.is_multiple_of(every) && step < total {
             checkpoint::save(trainer, out, Some(loss))?;
         }
-        if stop.load(Ordering::SeqCst) {
+        let out_of_time = max_minutes.is_some_and(|m| start.elapsed().as_secs_f64() > 60.0 * m);
+        if stop.load(Ordering::SeqCst) || out_of_time {
             bar.abandon();
             checkpoint::save(trainer, out, Some(loss))?;
             eprintln!(
-                "interrupted at step {step}; checkpoint saved in {}. Resume with the same command plus --resume.",
+                "{} at step {step}; checkpoint saved in {}. Resume with the same command plus --resume.",
+                if out_of_time { "time limit reached" } else { "interrupted" },
                 out.display()
             );
             return Ok(Outcome {
@@ -82,8 +84,53 @@ pub fn run_loop(
     })
 }
 
+/// The network the command line asks for, for data of this shape.
+fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> {
+    let dim = data.dim();
+    let unet = match (a.model, data.image_shape()) {
+        (ModelArg::Mlp, _) | (ModelArg::Auto, None) => false,
+        (ModelArg::Unet, None) => bail!(
+            "--model unet needs image data; {} holds {dim}-dimensional points",
+            data.describe()
+        ),
+        (ModelArg::Unet, Some(_)) | (ModelArg::Auto, Some(_)) => true,
+    };
+    if !unet {
+        let time_embedding = match a.time_embedding {
+            TimeArg::Input => TimeEmbedding::Input,
+            TimeArg::Sinusoidal => TimeEmbedding::Sinusoidal { dim: 32 },
+        };
+        let activation = match a.activation {
+            ActivationArg::Silu => Activation::Silu,
+            ActivationArg::Selu => Activation::Selu,
+        };
+        return Ok(ModelConfig::Mlp(MlpConfig {
+            dim,
+            hidden: a.hidden,
+            depth: a.depth,
+            time_embedding,
+            activation,
+        }));
+    }
+    let [c, h, w] = data.image_shape().expect("checked above");
+    let classes = if a.unconditional {
+        0
+    } else {
+        data.num_classes()
+    };
+    let mut cfg = match a.unet {
+        UNetPreset::Tiny => UNetConfig::tiny(c, h, w, classes),
+        UNetPreset::Small => UNetConfig::small(c, h, w, classes),
+    };
+    if let Some(b) = a.base_channels {
+        cfg.base_channels = b;
+    }
+    cfg.validate()?;
+    Ok(ModelConfig::UNet(cfg))
+}
+
 /// The run configuration described by the command line.
-pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
+pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfig> {
     let path = match a.path {
         PathArg::Ot => SchedulerConfig::CondOt {
             sigma_min: a.sigma_min,
@@ -95,14 +142,6 @@ pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
         PathArg::Cosine => SchedulerConfig::Cosine,
         PathArg::Poly => SchedulerConfig::Polynomial { n: 2.0 },
     };
-    let time_embedding = match a.time_embedding {
-        TimeArg::Input => TimeEmbedding::Input,
-        TimeArg::Sinusoidal => TimeEmbedding::Sinusoidal { dim: 32 },
-    };
-    let activation = match a.activation {
-        ActivationArg::Silu => Activation::Silu,
-        ActivationArg::Selu => Activation::Selu,
-    };
     if a.grad_clip < 0.0 || !a.grad_clip.is_finite() {
         bail!(
             "--grad-clip must be 0 (off) or positive, got {}",
@@ -111,13 +150,7 @@ pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
     }
     Ok(RunConfig {
         format_version: FORMAT_VERSION,
-        model: ModelConfig::Mlp(MlpConfig {
-            dim,
-            hidden: a.hidden,
-            depth: a.depth,
-            time_embedding,
-            activation,
-        }),
+        model: model_from_args(a, data)?,
         path,
         prediction: Prediction::Velocity,
         weighting: Weighting::Uniform,
@@ -137,14 +170,15 @@ pub fn config_from_args(a: &TrainArgs, dim: usize) -> Result<RunConfig> {
             grad_clip: (a.grad_clip > 0.0).then_some(a.grad_clip),
             ema_decay: a.ema_decay,
             seed: a.seed,
+            label_dropout: a.label_dropout,
         },
         data: a.data.clone(),
     })
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let data = io::open_data(&a.data)?;
-    let device = Device::Cpu;
+    let data = io::open_data_with(&a.data, &a.images.options())?;
+    let device = a.device.device()?;
     let mut trainer = if a.resume {
         let ckpt = Checkpoint::load(&a.out, &device)
             .with_context(|| format!("--resume: no usable checkpoint in {}", a.out.display()))?;
@@ -165,11 +199,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 a.out.display()
             );
         }
-        Trainer::new(config_from_args(a, data.dim())?, &device)?
+        Trainer::new(config_from_args(a, data.as_ref())?, &device)?
     };
     io::ensure_dir(&a.out)?;
     eprintln!("training on {} for {} steps", data.describe(), a.steps);
-    let o = run_loop(&mut trainer, data.as_ref(), &a.out, a.checkpoint_every)?;
+    let o = run_loop(
+        &mut trainer,
+        data.as_ref(),
+        &a.out,
+        a.checkpoint_every,
+        a.max_minutes,
+    )?;
     if !o.interrupted {
         eprintln!(
             "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
