@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared Fashion-MNIST run for one lent GPU (H100/H200), from the repository root:
 #
-#   scripts/gpu-fashion.sh [TRAIN_SECONDS]        (default 330)
+#   scripts/gpu-fashion.sh [TRAIN_SECONDS]        (default 300)
 #
 # Needs, carried from the CPU machine: the `cuda` binary (scripts/build-cuda.sh ->
 # target-cuda/release/flowmatching, about 53 MB, so carried gzipped as .carry/flowmatching.gz to stay
@@ -26,7 +26,13 @@ BIN=${BIN:-target-cuda/release/flowmatching}
 DATA=${DATA:-.carry/fashion-mnist}
 CLF=${CLF:-.carry/classifier.safetensors}
 OUT=${OUT:-/tmp/fm-out}
-BUDGET=${1:-330}
+BUDGET=${1:-300}
+# Overridable for a dry run on the CPU: DEVICE=cpu PRESET=tiny BATCH=8 NS=1000 NLL=20 scripts/gpu-fashion.sh 5
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-small}
+BATCH=${BATCH:-256}
+NS=${NS:-10000}
+NLL=${NLL:-1000}
 W=/tmp/fm-gpu
 rm -rf "$W"
 mkdir -p "$W" "$OUT"
@@ -35,8 +41,8 @@ exec > >(tee -a "$LOG") 2>&1
 say() { echo "== $(date -u +%H:%M:%S) $*"; }
 die() { say "FAILED: $*"; exit 1; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-TRAIN=(train --data fashion-mnist --data-dir "$DATA" --device cuda --unet small --batch-size 256
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+TRAIN=(train --data fashion-mnist --data-dir "$DATA" --device "$DEVICE" --unet "$PRESET" --batch-size "$BATCH"
   --lr 5e-4 --warmup 300 --ema-decay 0.999 --grad-clip 1)
 
 say "probe: kernel loading"
@@ -44,14 +50,14 @@ say "probe: kernel loading"
 say "probe: 40 timed steps"
 "$BIN" "${TRAIN[@]}" --out "$W/probe" --steps 50 --resume --checkpoint-every 0 2>&1 | tee "$W/probe.txt" \
   || die "probe resume"
-SEC=$(grep -oE 'done: 50 steps in [0-9.]+ s' "$W/probe.txt" | grep -oE '[0-9.]+ s' | grep -oE '[0-9.]+')
+SEC=$(sed -nE 's/.*done: 50 steps in ([0-9.]+) s.*/\1/p' "$W/probe.txt" | head -n 1)
 [ -n "$SEC" ] || die "no probe timing"
 STEPS=$(python3 -c "print(int($BUDGET / ($SEC / 40)))")
 say "probe: $SEC s for 40 steps -> $STEPS steps in $BUDGET s"
-"$BIN" sample --checkpoint "$W/probe" --device cuda --num-samples 20 --guidance 2 --steps 2 \
+"$BIN" sample --checkpoint "$W/probe" --device "$DEVICE" --num-samples 20 --guidance 2 --steps 2 \
   --out "$W/probe.npy" --grid "$W/probe.png" || die "probe sampling"
-"$BIN" image-eval --checkpoint "$W/probe" --classifier "$CLF" --data-dir "$DATA" --device cuda \
-  --num-samples 1000 --guidance 2 --steps 2 --out "$W/probe-eval" > /dev/null || die "probe evaluation"
+"$BIN" image-eval --checkpoint "$W/probe" --classifier "$CLF" --data-dir "$DATA" --device "$DEVICE" \
+  --num-samples "${NPROBE:-1000}" --guidance 2 --steps 2 --out "$W/probe-eval" > /dev/null || die "probe evaluation"
 
 say "training $STEPS steps"
 START=$(date +%s)
@@ -60,14 +66,14 @@ START=$(date +%s)
 say "trained in $(( $(date +%s) - START )) s"
 
 say "evaluation"
-"$BIN" image-eval --checkpoint "$W/run" --classifier "$CLF" --data-dir "$DATA" --device cuda \
-  --num-samples 10000 --guidance 0,1,2,4 --solver midpoint --steps 20 --batch 1000 --out "$W/eval" \
+"$BIN" image-eval --checkpoint "$W/run" --classifier "$CLF" --data-dir "$DATA" --device "$DEVICE" \
+  --num-samples "$NS" --guidance 0,1,2,4 --solver midpoint --steps "${EVAL_STEPS:-20}" --batch 1000 --out "$W/eval" \
   || die "evaluation"
 cp "$W/eval/report.md" "$W/eval/results.json" "$W"/eval/samples-w*.png "$W/eval/gaussian.png" "$OUT/"
 
 say "bits/dim"
-timeout 75 "$BIN" likelihood --checkpoint "$W/run" --data fashion-mnist:test --data-dir "$DATA" \
-  --device cuda --num-samples 1000 --batch-size 500 --hutchinson 1 --out "$W/likelihood.json" \
+timeout 45 "$BIN" likelihood --checkpoint "$W/run" --data fashion-mnist:test --data-dir "$DATA" \
+  --device "$DEVICE" --num-samples "$NLL" --batch-size 500 --hutchinson 1 --out "$W/likelihood.json" \
   && cat "$W/likelihood.json"
 grep -h '"step"\|"loss"' "$W/run/checkpoint.json"
 say "done"
