@@ -161,6 +161,13 @@ pub enum Workload {
     Step,
     /// One f32 matrix product of 2048 x 2048 by 2048 x 2048: the machine's GEMM rate.
     Gemm,
+    /// U-Net training step (small preset, Fashion-MNIST shape, 10 classes, batch --batch; B5 uses 128).
+    B5Step,
+    /// U-Net sampling: --batch images, midpoint 20 steps (B5 uses 128).
+    B5Sample,
+    /// The U-Net's pieces at B5 shapes: convolutions (im2col and candle's) and GroupNorm, forward and
+    /// forward + backward; one JSON line each.
+    UnetParts,
 }
 
 #[derive(Debug, Args)]

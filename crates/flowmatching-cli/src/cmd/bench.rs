@@ -4,11 +4,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::data::{DataSource, Toy2d};
+use flowmatching::data::{DataSource, TensorDataset, Toy2d};
 use flowmatching::likelihood::{log_likelihood, LikelihoodOptions};
-use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::model::{
+    Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig, VelocityField,
+};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
@@ -70,6 +72,94 @@ pub fn train_config(
     }
 }
 
+/// B5: the small U-Net on Fashion-MNIST-shaped data, as `train --data fashion-mnist` builds it.
+fn unet_config(batch: usize) -> RunConfig {
+    let mut c = train_config(64, 1, batch, Activation::Silu);
+    c.model = ModelConfig::UNet(UNetConfig::small(1, 28, 28, 10));
+    c.train.label_dropout = 0.1;
+    c
+}
+
+/// 1024 labelled random 28 x 28 images (the step's cost does not depend on the pixels).
+fn fake_images(n: usize) -> Result<TensorDataset> {
+    let mut rng = Rng::new(2);
+    let rows = rng.normal_vec(n * 784);
+    let labels = (0..n).map(|i| (i % 10) as u32).collect();
+    Ok(TensorDataset::new(rows, 784, "random images")?
+        .with_labels(labels, 10)?
+        .with_image_shape([1, 28, 28])?)
+}
+
+/// Per-piece timings of the U-Net at B5 shapes (batch --batch).
+fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
+    use flowmatching::layers::conv2d_im2col;
+    let b = a.batch;
+    let report = |name: String, times: Vec<f64>| -> Result<()> {
+        let t = Timing {
+            device: format!("{:?}", a.device).to_lowercase(),
+            gflops: None,
+            workload: name,
+            impl_: "flowmatching",
+            median_ms: median(&times),
+            times_ms: times,
+            nfe: None,
+            threads: candle_core::utils::get_num_threads(),
+        };
+        println!("{}", serde_json::to_string(&t)?.replace("impl_", "impl"));
+        Ok(())
+    };
+    for (c_in, c_out, hw) in [(64, 64, 28), (128, 64, 28), (128, 128, 14), (128, 128, 7)] {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c_in, hw, hw), dev)?)?;
+        let w = candle_core::Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), dev)? * 0.05)?,
+        )?;
+        let bias = Tensor::zeros(c_out, DType::F32, dev)?;
+        for (imp, backward) in [
+            ("im2col", false),
+            ("im2col", true),
+            ("candle", false),
+            ("candle", true),
+        ] {
+            let (times, _) = time(a.warmup, a.iters, || {
+                let y = if imp == "im2col" {
+                    conv2d_im2col(x.as_tensor(), w.as_tensor(), &bias, 1)?
+                } else {
+                    x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?
+                };
+                if backward {
+                    let g = y.sqr()?.mean_all()?.backward()?;
+                    let _ = g.get(w.as_tensor());
+                }
+                dev.synchronize()?;
+                Ok(None)
+            })?;
+            let pass = if backward { "fwd+bwd" } else { "fwd" };
+            report(
+                format!("conv3x3-{c_in}-{c_out}-{hw}x{hw}-b{b}-{imp}-{pass}"),
+                times,
+            )?;
+        }
+    }
+    let cfg = UNetConfig::small(1, 28, 28, 10);
+    let (model, params) = ModelConfig::UNet(cfg).build(&mut Rng::new(0), dev, DType::F32)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 784), dev)?;
+    let t = Tensor::rand(0f32, 1.0, b, dev)?;
+    for backward in [false, true] {
+        let (times, _) = time(a.warmup, a.iters, || {
+            let y = model.forward(&x, &t)?;
+            if backward {
+                let g = y.sqr()?.mean_all()?.backward()?;
+                let _ = params.vars().filter_map(|v| g.get(v.as_tensor())).count();
+            }
+            dev.synchronize()?;
+            Ok(None)
+        })?;
+        let pass = if backward { "fwd+bwd" } else { "fwd" };
+        report(format!("unet-small-b{b}-{pass}"), times)?;
+    }
+    Ok(())
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -110,7 +200,39 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             anyhow::anyhow!("no CUDA device ({e}); build with scripts/build-cuda.sh")
         })?,
     };
+    let conv = if flowmatching::layers::use_candle_conv(&dev) {
+        "candle-conv"
+    } else {
+        "im2col"
+    };
     let (name, (times, nfe)) = match a.workload {
+        Workload::UnetParts => return unet_parts(a, &dev),
+        Workload::B5Step => {
+            let mut trainer = Trainer::new(unet_config(a.batch), &dev)?;
+            let data = fake_images(1024)?;
+            (
+                format!("b5-step-b{}-{conv}", a.batch),
+                time(a.warmup, a.iters, || {
+                    trainer.step(&data).map(|_| None).map_err(Into::into)
+                })?,
+            )
+        }
+        Workload::B5Sample => {
+            let cfg = unet_config(a.batch);
+            let (model, _) = cfg.model.build(&mut Rng::new(0), &dev, DType::F32)?;
+            let model = model.frozen()?;
+            let x0 = Tensor::from_vec(Rng::new(1).normal_vec(a.batch * 784), (a.batch, 784), &dev)?;
+            let solver = SolverKind::Midpoint.solver();
+            let opts = SolveOptions::constant(20);
+            (
+                format!("b5-sample-b{}-{conv}", a.batch),
+                time(a.warmup, a.iters, || {
+                    let s = solve(&model, solver.as_ref(), &x0, 0.0, 1.0, &opts)?;
+                    s.x.device().synchronize()?;
+                    Ok(Some(s.stats.nfe))
+                })?,
+            )
+        }
         Workload::B1 | Workload::B2 | Workload::Step => {
             let cfg = match a.workload {
                 Workload::B1 => train_config(512, 4, 4096, Activation::Silu),
