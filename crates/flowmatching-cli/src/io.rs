@@ -24,22 +24,39 @@ pub fn read_npy(path: &Path) -> Result<(Vec<f32>, usize)> {
 /// in C order, with its shape.
 pub fn read_npy_array(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .map_err(|e| anyhow::anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
+    parse_npy(&bytes, &path.display().to_string())
+}
+
+/// [`read_npy_array`] on bytes in memory (`name` appears in errors).
+pub fn parse_npy(bytes: &[u8], name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let npy = npyz::NpyFile::new(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid .npy file ({e})", name))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
     let fortran = npy.order() == npyz::Order::Fortran;
     let npyz::DType::Plain(ts) = npy.dtype() else {
         bail!(
             "{}: structured arrays are not supported; save a plain float array",
-            path.display()
+            name
         );
     };
     let bad_dtype = || {
         anyhow::anyhow!(
             "{}: dtype {ts} is not supported; use float32, float64 (or uint8 for images)",
-            path.display()
+            name
         )
     };
+    // The header's promise must fit in the file before anything is allocated for it.
+    let promised = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(ts.num_bytes().unwrap_or(1).max(1)));
+    if promised.is_none_or(|b| b > bytes.len()) {
+        bail!(
+            "{}: header says shape {shape:?} of {ts}, more than the file's {} bytes hold",
+            name,
+            bytes.len()
+        );
+    }
     let data: Vec<f32> = match (ts.type_char(), ts.num_bytes()) {
         (npyz::TypeChar::Float, Some(4)) => npy.into_vec::<f32>(),
         (npyz::TypeChar::Float, Some(8)) => npy
@@ -50,15 +67,15 @@ pub fn read_npy_array(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
             .map(|v| v.into_iter().map(crate::images::to_unit).collect()),
         _ => return Err(bad_dtype()),
     }
-    .map_err(|e| anyhow::anyhow!("{}: truncated or unreadable data ({e})", path.display()))?;
+    .map_err(|e| anyhow::anyhow!("{}: truncated or unreadable data ({e})", name))?;
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| anyhow::anyhow!("{}: shape {shape:?} overflows", path.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("{}: shape {shape:?} overflows", name))?;
     if data.len() != count {
         bail!(
             "{}: header says shape {shape:?} but the file holds {} values",
-            path.display(),
+            name,
             data.len()
         );
     }
@@ -108,6 +125,12 @@ pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
 pub fn read_csv(path: &Path) -> Result<(Vec<f32>, usize)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_csv(&text, &path.display().to_string())
+}
+
+/// [`read_csv`] on text in memory (`name` appears in errors).
+pub fn parse_csv(text: &str, name: &str) -> Result<(Vec<f32>, usize)> {
+    let path = std::path::Path::new(name);
     let mut data = vec![];
     let mut dim = None;
     for (i, line) in text.lines().enumerate() {

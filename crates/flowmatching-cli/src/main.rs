@@ -3,6 +3,8 @@
 
 mod cli;
 mod cmd;
+#[cfg(test)]
+mod fuzz;
 mod images;
 mod io;
 mod plot;

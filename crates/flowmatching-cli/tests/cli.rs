@@ -1,62 +1,7 @@
 //! End-to-end tests of the `flowmatching` binary: small runs, and bad input handled without panics.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flowmatching"))
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fm-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A bad invocation: non-zero exit, a one-line `error:` naming the problem, no panic.
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "should fail: {err}");
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    assert!(err.contains(needle), "expected '{needle}' in: {err}");
-}
-
-fn write_npy_f64(path: &Path, rows: &[[f64; 2]]) {
-    // A hand-made .npy (version 1.0, little-endian float64, C order), independent of our writer.
-    let header = format!(
-        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, 2), }}",
-        rows.len()
-    );
-    let mut h = header.into_bytes();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(b' ');
-    }
-    h.push(b'\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
-    bytes.extend(h);
-    for r in rows {
-        for v in r {
-            bytes.extend(v.to_le_bytes());
-        }
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn read_npy_len(path: &Path) -> usize {
-    let bytes = std::fs::read(path).unwrap();
-    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    (bytes.len() - 10 - hlen) / 4
-}
+mod common;
+use common::*;
 
 #[test]
 fn train_then_sample_on_user_npy_and_resume() {
@@ -355,33 +300,6 @@ fn ablate_quick_smoke() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// A tiny Fashion-MNIST look-alike in the IDX layout: 8x8 images of two classes (a bright left or right
-/// half), gzip-free (the loader takes both).
-fn fake_fashion(dir: &Path, split: &str, n: usize) {
-    let mut images = vec![0, 0, 8, 3];
-    for d in [n as u32, 8, 8] {
-        images.extend(d.to_be_bytes());
-    }
-    let mut labels = vec![0, 0, 8, 1];
-    labels.extend((n as u32).to_be_bytes());
-    for i in 0..n {
-        let class = (i % 2) as u8;
-        for _y in 0..8 {
-            for x in 0..8 {
-                let on = (x < 4) == (class == 0);
-                images.push(if on {
-                    200 + (i % 50) as u8
-                } else {
-                    (i % 30) as u8
-                });
-            }
-        }
-        labels.push(class);
-    }
-    std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), images).unwrap();
-    std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), labels).unwrap();
 }
 
 /// Images end to end: a class-conditional U-Net trained on IDX data, guided samples with a grid, the

@@ -35,6 +35,23 @@ pub struct CheckpointMeta {
     pub loss: Option<f64>,
 }
 
+impl CheckpointMeta {
+    /// Parses and checks checkpoint.json: valid JSON of the right shape, a config this build accepts
+    /// (version, ranges, model size), and a plain weights file name.
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let meta: CheckpointMeta = serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a valid checkpoint file: {e}"))?;
+        meta.config.validate().map_err(|e| e.to_string())?;
+        if meta.weights_file.is_empty()
+            || meta.weights_file.contains('/')
+            || meta.weights_file.contains('\\')
+        {
+            return Err("weights_file must be a plain file name".into());
+        }
+        Ok(meta)
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_name(path);
@@ -97,10 +114,12 @@ pub fn save(trainer: &Trainer, dir: &Path, loss: Option<f64>) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("weights-")
+            let stale_weights = name.starts_with("weights-")
                 && name.ends_with(".safetensors")
-                && name != weights_file
-            {
+                && name != weights_file;
+            // Temporary files of a process killed mid-save (ours are already renamed away).
+            let stale_temporary = name.starts_with('.') && name.contains(".tmp-");
+            if stale_weights || stale_temporary {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -136,17 +155,7 @@ impl Checkpoint {
                 format!("cannot read it ({e}); a checkpoint is a folder holding {META_FILE}"),
             )
         })?;
-        let meta: CheckpointMeta = serde_json::from_slice(&text)
-            .map_err(|e| bad(&meta_path, format!("not a valid checkpoint file: {e}")))?;
-        meta.config
-            .validate()
-            .map_err(|e| bad(&meta_path, e.to_string()))?;
-        if meta.weights_file.contains('/') || meta.weights_file.contains('\\') {
-            return Err(bad(
-                &meta_path,
-                "weights_file must be a plain file name".into(),
-            ));
-        }
+        let meta = CheckpointMeta::parse(&text).map_err(|e| bad(&meta_path, e))?;
         let wpath = dir.join(&meta.weights_file);
         let bytes = std::fs::read(&wpath)
             .map_err(|e| bad(&wpath, format!("cannot read the tensor file: {e}")))?;

@@ -420,6 +420,41 @@ impl ModelConfig {
         }
     }
 
+    /// The largest model this build agrees to allocate (parameters).
+    pub const MAX_PARAMS: u128 = 1 << 32;
+
+    /// Checks the shape and that the model is not absurdly large (a corrupt or hostile config must not
+    /// make the program try to allocate terabytes).
+    pub fn validate(&self) -> Result<()> {
+        let too_big = |n: u128| {
+            Err(Error::Config(format!(
+                "the model would have about {n} parameters, more than this build allows ({})",
+                Self::MAX_PARAMS
+            )))
+        };
+        match self {
+            ModelConfig::Mlp(c) => {
+                c.validate()?;
+                let (d, h, k) = (c.dim as u128, c.hidden as u128, c.depth as u128);
+                let n = (d + c.time_features() as u128 + 1) * h + k * (h + 1) * h + (h + 1) * d;
+                if n > Self::MAX_PARAMS {
+                    return too_big(n);
+                }
+            }
+            ModelConfig::UNet(c) => {
+                c.validate()?;
+                let widest = c.channel_mults.iter().max().copied().unwrap_or(1) as u128;
+                let ch = c.base_channels as u128 * widest;
+                let blocks = (c.channel_mults.len() as u128) * (2 * c.res_blocks as u128 + 1) + 2;
+                let n = blocks * 3 * 9 * ch * ch + (c.num_classes as u128 + 1) * 4 * ch;
+                if n > Self::MAX_PARAMS || c.dim() as u128 > Self::MAX_PARAMS {
+                    return too_big(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Classes the model is conditioned on (0: unconditional).
     pub fn num_classes(&self) -> usize {
         match self {

@@ -92,6 +92,11 @@ impl RunConfig {
             )));
         }
         let t = &self.train;
+        if t.steps == 0 {
+            return Err(Error::Config(
+                "training needs at least 1 step (--steps)".into(),
+            ));
+        }
         if t.batch_size == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));
         }
@@ -109,6 +114,7 @@ impl RunConfig {
                 t.ema_decay
             )));
         }
+        self.model.validate()?;
         if !(0.0..=1.0).contains(&t.label_dropout) {
             return Err(Error::Config(format!(
                 "label dropout must lie in [0, 1], got {}",
