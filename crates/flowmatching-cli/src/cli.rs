@@ -37,6 +37,78 @@ pub enum Command {
     /// Image-model evaluation: FD of samples against the test set (with the train/test floor and a
     /// Gaussian ceiling), class accuracy of guided samples, sample grids; writes a report.
     ImageEval(ImageEvalArgs),
+    /// Straightness, few-step quality and adaptive NFE of a trained point model.
+    Eval(EvalArgs),
+    /// One round of rectified flow: pairs from a trained model, a new model trained on them.
+    Reflow(ReflowArgs),
+    /// Independent vs OT vs Sinkhorn coupling vs reflow on one data set: a report with plots.
+    Couplings(CouplingsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Reference data (default: the data the model was trained on).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value_t = 5000)]
+    pub num_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write a PNG: data, then samples after 1, 2, 4, 8 Euler steps, then adaptive.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReflowArgs {
+    /// The trained model whose flow is straightened.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Number of (x0, x1) pairs to generate.
+    #[arg(long, default_value_t = 20_000)]
+    pub pairs: usize,
+    /// Midpoint steps of the solve that makes the pairs.
+    #[arg(long, default_value_t = 100)]
+    pub solver_steps: usize,
+    /// Training steps of the new model (default: as many as the original).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Output folder for the new model's checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CouplingsArgs {
+    /// Target data (2-D).
+    #[arg(long, default_value = "checkerboard")]
+    pub data: String,
+    /// Source data (default N(0, I)).
+    #[arg(long)]
+    pub source: Option<String>,
+    #[arg(long, default_value = "docs/couplings/checkerboard")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 10_000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    pub hidden: usize,
+    /// Reflow pairs.
+    #[arg(long, default_value_t = 20_000)]
+    pub pairs: usize,
+    /// Samples per evaluation.
+    #[arg(long, default_value_t = 4000)]
+    pub num_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -326,6 +398,33 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this many minutes of training; resume later with --resume.
     #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// How x0 and x1 are paired in each minibatch: independent, exact OT, or Sinkhorn (entropic OT).
+    #[arg(long, value_enum, default_value = "independent")]
+    pub coupling: CouplingArg,
+    /// Sinkhorn regularisation, relative to the largest squared distance in the minibatch.
+    #[arg(long, default_value_t = 0.05)]
+    pub sinkhorn_reg: f64,
+    /// Draw x0 from this data set (built-in or file) instead of N(0, I); sampling then starts there too.
+    #[arg(long)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CouplingArg {
+    Independent,
+    Ot,
+    Sinkhorn,
+}
+
+impl CouplingArg {
+    pub fn coupling(self, reg: f64) -> flowmatching::coupling::Coupling {
+        use flowmatching::coupling::Coupling;
+        match self {
+            CouplingArg::Independent => Coupling::Independent,
+            CouplingArg::Ot => Coupling::Ot,
+            CouplingArg::Sinkhorn => Coupling::Sinkhorn { reg },
+        }
+    }
 }
 
 /// Options for image data.

@@ -198,6 +198,7 @@ mod tests {
             weighting: flowmatching::objective::Weighting::Uniform,
             train: Default::default(),
             data: "x".into(),
+            source: None,
         };
         serde_json::to_vec_pretty(&cfg).unwrap()
     }

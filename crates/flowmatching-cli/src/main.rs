@@ -29,6 +29,9 @@ fn main() {
         cli::Command::Ablate(a) => cmd::ablate::run(a),
         cli::Command::Classifier(a) => cmd::classifier::run(a),
         cli::Command::ImageEval(a) => cmd::image_eval::run(a),
+        cli::Command::Eval(a) => cmd::eval::run(a),
+        cli::Command::Reflow(a) => cmd::reflow::run(a),
+        cli::Command::Couplings(a) => cmd::couplings::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -460,3 +460,82 @@ fn images_train_sample_classify_and_evaluate() {
     assert_clean_failure(&o, "label dropout");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Couplings end to end at toy size: OT-coupled training from a data source, eval, one reflow round.
+#[test]
+fn coupling_source_eval_and_reflow() {
+    let d = tmpdir("couple");
+    let ck = d.join("ot");
+    let c = ck.to_str().unwrap();
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--source",
+        "8gaussians",
+        "--coupling",
+        "ot",
+        "--steps",
+        "20",
+        "--hidden",
+        "16",
+        "--depth",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        c,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::read_to_string(ck.join("checkpoint.json")).unwrap();
+    assert!(
+        meta.contains("\"source\": \"8gaussians\"") && meta.contains("\"kind\": \"ot\""),
+        "{meta}"
+    );
+    let report = d.join("eval.json");
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        c,
+        "--num-samples",
+        "200",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        r.contains("straightness") && r.contains("euler_steps"),
+        "{r}"
+    );
+    let re = d.join("reflow");
+    let o = run(&[
+        "reflow",
+        "--checkpoint",
+        c,
+        "--pairs",
+        "100",
+        "--solver-steps",
+        "4",
+        "--steps",
+        "10",
+        "--out",
+        re.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::read_to_string(re.join("checkpoint.json")).unwrap();
+    assert!(meta.contains("reflow pairs of") && meta.contains("\"kind\": \"independent\""));
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--coupling",
+        "sinkhorn",
+        "--sinkhorn-reg",
+        "0",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "Sinkhorn regularisation");
+    let _ = std::fs::remove_dir_all(&d);
+}

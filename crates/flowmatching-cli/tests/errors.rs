@@ -530,6 +530,21 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "not a readable classifier file",
             &[&d.join("eval").join("results.json")],
         ),
+        c(
+            "E42",
+            with(
+                train("moons"),
+                &["--coupling", "sinkhorn", "--sinkhorn-reg", "0"],
+            ),
+            "Sinkhorn regularisation",
+            &[&ck],
+        ),
+        c(
+            "E43",
+            with(train("moons"), &["--source", "nosuchset"]),
+            "neither a built-in",
+            &[&ck],
+        ),
     ]
 }
 

@@ -31,6 +31,69 @@ pub trait DataSource: Send + Sync {
     fn image_shape(&self) -> Option<[usize; 3]> {
         None
     }
+
+    /// `n` fixed (x0, x1) pairs, for data sets that are pairs (reflow); `None` for ordinary data.
+    fn sample_pairs(&self, _rng: &mut Rng, _n: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        None
+    }
+}
+
+/// Fixed pairs (x0, x1), e.g. noise and the ODE solution a trained model carries it to (reflow's
+/// training data). Minibatches draw pairs uniformly with replacement and keep them together.
+#[derive(Debug, Clone)]
+pub struct PairedDataset {
+    x0: Vec<f32>,
+    x1: Vec<f32>,
+    dim: usize,
+    name: String,
+}
+
+impl PairedDataset {
+    pub fn new(x0: Vec<f32>, x1: Vec<f32>, dim: usize, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        if dim == 0 || x0.is_empty() || x0.len() != x1.len() || !x0.len().is_multiple_of(dim) {
+            return Err(Error::Data(format!(
+                "{name}: pairs need two equal, non-empty sets of {dim}-dimensional rows"
+            )));
+        }
+        if x0.iter().chain(&x1).any(|v| !v.is_finite()) {
+            return Err(Error::Data(format!("{name}: pairs contain NaN or Inf")));
+        }
+        Ok(Self { x0, x1, dim, name })
+    }
+
+    pub fn len(&self) -> usize {
+        self.x0.len() / self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.x0.is_empty()
+    }
+}
+
+impl DataSource for PairedDataset {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn sample(&self, rng: &mut Rng, n: usize) -> Vec<f32> {
+        self.sample_pairs(rng, n).map(|p| p.1).unwrap_or_default()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({} pairs x {})", self.name, self.len(), self.dim)
+    }
+
+    fn sample_pairs(&self, rng: &mut Rng, n: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let d = self.dim;
+        let (mut a, mut b) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+        for _ in 0..n {
+            let i = rng.below(self.len());
+            a.extend_from_slice(&self.x0[i * d..(i + 1) * d]);
+            b.extend_from_slice(&self.x1[i * d..(i + 1) * d]);
+        }
+        Some((a, b))
+    }
 }
 
 /// The built-in 2-D distributions, sampled afresh for every batch.

@@ -15,6 +15,7 @@
 //! - [`guidance`]: classifier-free guidance;
 //! - [`objective`]: FM-OT, FM-diffusion, DDPM, score matching and ScoreFlow as data (path, prediction,
 //!   weight);
+//! - [`coupling`]: independent, exact minibatch OT and Sinkhorn pairings of x0 with x1;
 //! - [`optim`] and [`train`]: AdamW, warm-up, clipping, EMA and the CFM training step;
 //! - [`fastmlp`]: the fused CPU engine that trains and evaluates MLPs;
 //! - [`checkpoint`]: atomic, checksummed checkpoints with exact resume;
@@ -24,6 +25,7 @@
 
 pub mod checkpoint;
 pub mod classifier;
+pub mod coupling;
 pub mod data;
 pub mod empirical;
 pub mod error;
@@ -40,6 +42,7 @@ pub mod path;
 pub mod rng;
 pub mod scheduler;
 pub mod solver;
+pub mod straightness;
 pub mod train;
 pub mod unet;
 

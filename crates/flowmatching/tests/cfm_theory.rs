@@ -168,6 +168,7 @@ fn training_moves_the_model_towards_the_marginal_field() {
             ..Default::default()
         },
         data: "4 points".into(),
+        source: None,
     };
     let data = TensorDataset::new(POINTS.concat(), 2, "4 points").unwrap();
     let field = EmpiricalField::new(AffinePath::from_config(&sched).unwrap(), &points()).unwrap();

@@ -142,8 +142,10 @@ fn run_config(obj: Objective, s: &Sizes, seed: u64, data: &str) -> RunConfig {
             ema_decay: 0.999,
             seed,
             label_dropout: 0.0,
+            coupling: Default::default(),
         },
         data: data.into(),
+        source: None,
     }
 }
 

@@ -67,8 +67,10 @@ pub fn train_config(
             ema_decay: 0.0,
             seed: 0,
             label_dropout: 0.0,
+            coupling: Default::default(),
         },
         data: "checkerboard".into(),
+        source: None,
     }
 }
 

@@ -52,8 +52,10 @@ pub fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) 
             ema_decay: 0.999,
             seed,
             label_dropout: 0.0,
+            coupling: Default::default(),
         },
         data: "checkerboard".into(),
+        source: None,
     }
 }
 
@@ -88,7 +90,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "demo: training a flow-matching MLP on checkerboard for {} steps",
         a.steps
     );
-    let outcome = train::run_loop(&mut trainer, &data, &a.out, 0, None)?;
+    let outcome = train::run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
     if outcome.interrupted {
         return Ok(());
     }

@@ -3,9 +3,12 @@
 pub mod ablate;
 pub mod bench;
 pub mod classifier;
+pub mod couplings;
 pub mod demo;
+pub mod eval;
 pub mod image_eval;
 pub mod likelihood;
+pub mod reflow;
 pub mod sample;
 pub mod solvers;
 pub mod train;

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::cli::{SampleArgs, SolverArg, ToleranceArgs};
 use crate::{images, io, plot, progress};
 
-/// Draws `n` samples from noise seeded by `seed`, integrating from t = 0 to t = 1.
+/// Draws `n` samples from noise (or the run's source) seeded by `seed`, integrating from t = 0 to t = 1.
 pub fn draw(
     model: &Model,
     config: &RunConfig,
@@ -28,6 +28,23 @@ pub fn draw(
     opts: &SolveOptions,
     seed: u64,
 ) -> Result<(Vec<f32>, Solution)> {
+    transport(
+        model,
+        config,
+        initial_points(config, n, seed)?,
+        solver,
+        opts,
+    )
+}
+
+/// Integrates the rows of `x0` from t = 0 to t = 1 on the CPU; returns the end points and the solution.
+pub fn transport(
+    model: &Model,
+    config: &RunConfig,
+    x0: Vec<f32>,
+    solver: SolverKind,
+    opts: &SolveOptions,
+) -> Result<(Vec<f32>, Solution)> {
     let dim = config.model.dim();
     let path = AffinePath::from_config(&config.path)?;
     let field = AsVelocity {
@@ -35,10 +52,27 @@ pub fn draw(
         path: &path,
         prediction: config.prediction,
     };
-    let x0 = Tensor::from_vec(Rng::new(seed).normal_vec(n * dim), (n, dim), &Device::Cpu)?;
+    let n = x0.len() / dim;
+    let x0 = Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
     let sol = solve(&field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
     let x: Vec<f32> = sol.x.flatten_all()?.to_vec1()?;
     Ok((x, sol))
+}
+
+/// The points integration starts from: N(0, I) noise, or draws from the run's source distribution when
+/// it was trained from one (`train --source`).
+pub fn initial_points(config: &RunConfig, n: usize, seed: u64) -> Result<Vec<f32>> {
+    let dim = config.model.dim();
+    match &config.source {
+        None => Ok(Rng::new(seed).normal_vec(n * dim)),
+        Some(spec) => {
+            let source = io::open_data(spec)?;
+            if source.dim() != dim {
+                bail!("the run's source {spec} is not {dim}-dimensional");
+            }
+            Ok(source.sample(&mut Rng::new(seed), n))
+        }
+    }
 }
 
 /// Class labels and guidance weight for a class-conditional model.
@@ -76,7 +110,7 @@ pub fn draw_batched(
 ) -> Result<(Vec<f32>, Stats)> {
     let dim = config.model.dim();
     let path = AffinePath::from_config(&config.path)?;
-    let noise = Rng::new(seed).normal_vec(n * dim);
+    let noise = initial_points(config, n, seed)?;
     let mut out = Vec::with_capacity(n * dim);
     let mut worst = Stats::default();
     let bar = progress::counter_bar(n as u64, "samples");

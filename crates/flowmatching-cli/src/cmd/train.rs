@@ -30,6 +30,7 @@ pub struct Outcome {
 pub fn run_loop(
     trainer: &mut Trainer,
     data: &dyn DataSource,
+    source: Option<&dyn DataSource>,
     out: &Path,
     every: u64,
     max_minutes: Option<f64>,
@@ -41,7 +42,7 @@ pub fn run_loop(
     let mut loss = f64::NAN;
     let mut smoothed = None::<f64>;
     while trainer.step_count() < total {
-        loss = match trainer.step(data) {
+        loss = match trainer.step_from(data, source) {
             Ok(l) => l,
             Err(e) => {
                 bar.abandon();
@@ -171,8 +172,10 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
             ema_decay: a.ema_decay,
             seed: a.seed,
             label_dropout: a.label_dropout,
+            coupling: a.coupling.coupling(a.sinkhorn_reg),
         },
         data: a.data.clone(),
+        source: a.source.clone(),
     })
 }
 
@@ -201,11 +204,18 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
         Trainer::new(config_from_args(a, data.as_ref())?, &device)?
     };
+    let source = trainer
+        .config()
+        .source
+        .as_deref()
+        .map(io::open_data)
+        .transpose()?;
     io::ensure_dir(&a.out)?;
     eprintln!("training on {} for {} steps", data.describe(), a.steps);
     let o = run_loop(
         &mut trainer,
         data.as_ref(),
+        source.as_deref(),
         &a.out,
         a.checkpoint_every,
         a.max_minutes,
