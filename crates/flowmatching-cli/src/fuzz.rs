@@ -206,7 +206,17 @@ mod tests {
     #[test]
     fn fuzz_config_json() {
         let mlp = br#"{"format_version":1,"model":{"kind":"mlp","dim":2,"hidden":8,"depth":2,"time_embedding":{"kind":"input"},"activation":"silu"},"path":{"kind":"cond_ot","sigma_min":0.0001},"prediction":"velocity","train":{"steps":10,"batch_size":4,"optimizer":{"lr":0.001,"beta1":0.9,"beta2":0.999,"eps":1e-8,"weight_decay":0.0},"warmup_steps":0,"grad_clip":1.0,"ema_decay":0.9,"seed":0},"data":"moons"}"#.to_vec();
-        fuzz("config-json", &[mlp, config_seed()], &[], |b| {
+        // Found by hand after a fuzz run: 70 U-Net levels overflowed a shift before validation.
+        let mut deep: serde_json::Value = serde_json::from_slice(&config_seed()).unwrap();
+        deep["model"]["channel_mults"] = serde_json::json!(vec![1; 70]);
+        let deep = serde_json::to_vec(&deep).unwrap();
+        assert!(
+            serde_json::from_slice::<flowmatching::train::RunConfig>(&deep)
+                .unwrap()
+                .validate()
+                .is_err()
+        );
+        fuzz("config-json", &[mlp, config_seed()], &[deep], |b| {
             if let Ok(c) = serde_json::from_slice::<flowmatching::train::RunConfig>(b) {
                 let _ = c.validate();
             }

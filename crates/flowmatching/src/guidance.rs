@@ -129,16 +129,7 @@ mod tests {
             .0
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testing::max_abs_diff as max_diff;
 
     /// The batched mixture equals v_u + w (v_c - v_u) from two separate passes, and w = 0 / 1 give the
     /// unconditional / conditional fields.

@@ -236,16 +236,7 @@ mod tests {
                 .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), want.dims());
-            let d: f64 = (ours - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::testing::max_abs_diff(&ours, &want);
             assert!(d < 1e-12, "k {k} stride {stride}: {d}");
         }
         let odd = Tensor::zeros((1, 3, 5, 5), DType::F64, &dev).unwrap();

@@ -96,6 +96,20 @@ impl UNetConfig {
                 "base channels, channel multipliers and res blocks must be positive".into(),
             );
         }
+        if self.channel_mults.len() > 8 || self.res_blocks > 64 {
+            return bad(format!(
+                "at most 8 levels and 64 res blocks per level, got {} and {}",
+                self.channel_mults.len(),
+                self.res_blocks
+            ));
+        }
+        let size = [self.channels, self.height, self.width, self.base_channels]
+            .into_iter()
+            .chain(self.channel_mults.iter().copied())
+            .try_fold(1usize, |a, v| a.checked_mul(v));
+        if size.is_none_or(|s| s > 1 << 40) {
+            return bad("image shape or channel counts are too large".into());
+        }
         let down = 1usize << (self.channel_mults.len() - 1);
         if !self.height.is_multiple_of(down) || !self.width.is_multiple_of(down) {
             return bad(format!(
@@ -426,6 +440,7 @@ mod tests {
     use super::*;
     use crate::model::{ModelConfig, VelocityField};
     use crate::rng::Rng;
+    use crate::testing::max_abs_diff;
     use candle_core::Device;
 
     fn tiny() -> UNetConfig {
@@ -460,25 +475,11 @@ mod tests {
         let vu = m.forward(&x, &t).unwrap();
         assert_eq!(vc.dims(), &[5, 64]);
         // The class changes the output; the null class is what `forward` uses.
-        let d: f32 = (&vc - &vu)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(&vc, &vu);
         assert!(d > 1e-4);
         let null = Tensor::new(&[3u32; 5], &Device::Cpu).unwrap();
         let vn = u.forward_cond(&x, &t, Some(&null)).unwrap();
-        let d: f32 = (&vn - &vu)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(&vn, &vu);
         assert_eq!(d, 0.0);
         // Each row depends on its own input only (no mixing across the batch, e.g. in GroupNorm).
         let one = u
@@ -488,14 +489,7 @@ mod tests {
                 Some(&labels.narrow(0, 2, 1).unwrap()),
             )
             .unwrap();
-        let d: f32 = (&one - &vc.narrow(0, 2, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(&one, &vc.narrow(0, 2, 1).unwrap());
         assert!(d < 1e-5, "{d}");
         assert!(u
             .forward_cond(&x.narrow(1, 0, 63).unwrap(), &t, None)
@@ -513,6 +507,16 @@ mod tests {
             .contains("divide by 2"));
         let mut c = tiny();
         c.groups = 3;
+        assert!(c.validate().is_err());
+        let mut c = tiny();
+        c.channel_mults = vec![1; 70];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 8 levels"));
+        let mut c = tiny();
+        c.height = usize::MAX / 2;
         assert!(c.validate().is_err());
         assert!(UNetConfig::small(1, 28, 28, 10).validate().is_ok());
         assert!(UNetConfig::tiny(1, 28, 28, 10).validate().is_ok());

@@ -15,7 +15,7 @@ use flowmatching::train::{RunConfig, Trainer};
 
 use crate::cli::ReflowArgs;
 use crate::cmd::sample::{initial_points, transport};
-use crate::cmd::train::run_loop;
+use crate::cmd::train::{self, run_loop};
 use crate::io;
 
 /// The pairs of one reflow round: `n` starting points and where `ckpt`'s model carries them
@@ -76,14 +76,6 @@ pub fn run(a: &ReflowArgs) -> Result<()> {
     io::ensure_dir(&a.out)?;
     let mut trainer = Trainer::new(config, &Device::Cpu)?;
     let o = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
-    if !o.interrupted {
-        eprintln!(
-            "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
-            trainer.step_count(),
-            o.seconds,
-            o.last_loss,
-            a.out.display()
-        );
-    }
+    train::report_done(&trainer, &o, &a.out);
     Ok(())
 }

@@ -241,9 +241,6 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     )?;
     let seconds = start.elapsed().as_secs_f64();
     let dim = ckpt.meta.config.model.dim();
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io::ensure_dir(parent)?;
-    }
     io::write_npy(&a.out, &x, &[a.num_samples, dim])?;
     let per = sol.nfe_per_sample.as_ref();
     let report = SampleReport {
@@ -360,9 +357,6 @@ fn run_images(
         .model
         .image_shape()
         .unwrap_or([1, 1, config.model.dim()]);
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io::ensure_dir(parent)?;
-    }
     io::write_npy(&a.out, &x, &[a.num_samples, shape[0], shape[1], shape[2]])?;
     let report = ImageSampleReport {
         checkpoint: a.checkpoint.display().to_string(),

@@ -220,14 +220,19 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.checkpoint_every,
         a.max_minutes,
     )?;
+    report_done(&trainer, &o, &a.out);
+    Ok(())
+}
+
+/// The line that ends a finished training run (scripts parse its "done: N steps in S s").
+pub fn report_done(trainer: &Trainer, o: &Outcome, out: &Path) {
     if !o.interrupted {
         eprintln!(
             "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
             trainer.step_count(),
             o.seconds,
             o.last_loss,
-            a.out.display()
+            out.display()
         );
     }
-    Ok(())
 }
