@@ -109,6 +109,9 @@ pub struct CouplingsArgs {
     pub num_samples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Only re-render report.md from the folder's results.json.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 #[derive(Debug, Args)]

@@ -97,6 +97,18 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 pub fn run(a: &CouplingsArgs) -> Result<()> {
+    if a.report_only {
+        let path = a.out.join("results.json");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("--report-only needs {} ({e})", path.display()))?;
+        let results: Results = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a couplings results file ({e})", path.display())
+        })?;
+        let md = report(&results, results.data == "checkerboard");
+        flowmatching::checkpoint::write_atomic(&a.out.join("report.md"), md.as_bytes())?;
+        println!("{md}");
+        return Ok(());
+    }
     if a.steps == 0 || a.pairs == 0 {
         bail!("--steps and --pairs must be at least 1");
     }
@@ -348,6 +360,24 @@ fn report(r: &Results, checker: bool) -> String {
             base.adaptive_nfe,
         );
     }
+    if checker {
+        let sup = |v: &Variant, k: usize| v.eval.few_step[k].in_support.unwrap_or(f64::NAN);
+        for v in &r.variants[1..] {
+            s += &format!(
+                "- **{}**, samples inside the squares: {:.3} vs {:.3} after 1 step ({}), {:.3} vs {:.3} after 8 \
+                 steps ({}).\n",
+                v.name,
+                sup(v, 0),
+                sup(&r.variants[0], 0),
+                if sup(v, 0) > sup(&r.variants[0], 0) { "more" } else { "not more" },
+                sup(v, 3),
+                sup(&r.variants[0], 3),
+                if sup(v, 3) > sup(&r.variants[0], 3) { "more" } else { "not more" },
+            );
+        }
+    }
+    s += "\nEnergy distances are U-statistics: values at or below 0 mean \"indistinguishable at this sample size\" \
+          (the plot draws them at 1e-5).\n";
     s += &format!(
         "\nFigures: [few-step quality](few-step.png); samples (data, Euler {:?}, adaptive): {}.\n",
         EULER_STEPS,
