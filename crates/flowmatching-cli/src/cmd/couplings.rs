@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
 use flowmatching::coupling::Coupling;
+use flowmatching::data::DataSource;
 use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
@@ -128,24 +129,18 @@ pub fn run(a: &CouplingsArgs) -> Result<()> {
     let checker = a.data == "checkerboard";
     let mut variants = vec![];
     let mut sample_sets = vec![];
-    let couplings = [
-        ("independent", Coupling::Independent),
-        ("ot", Coupling::Ot),
-        ("sinkhorn", Coupling::Sinkhorn { reg: 0.05 }),
-    ];
-    for (name, coupling) in couplings {
+    // Trains `config` on `data` (from `source`) into checkpoints/<name>, then evaluates it.
+    let mut run_variant = |name: &str,
+                           config: RunConfig,
+                           data: &dyn DataSource,
+                           source: Option<&dyn DataSource>,
+                           pair_seconds: Option<f64>|
+     -> Result<()> {
         let dir = ck_root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        let mut trainer = Trainer::new(base_config(a, coupling), &Device::Cpu)?;
+        let mut trainer = Trainer::new(config, &Device::Cpu)?;
         eprintln!("{name}: training {} steps", a.steps);
-        let o = train::run_loop(
-            &mut trainer,
-            data.as_ref(),
-            source.as_deref(),
-            &dir,
-            0,
-            None,
-        )?;
+        let o = train::run_loop(&mut trainer, data, source, &dir, 0, None)?;
         if o.interrupted {
             bail!("interrupted");
         }
@@ -161,38 +156,33 @@ pub fn run(a: &CouplingsArgs) -> Result<()> {
         variants.push(Variant {
             name: name.into(),
             train_seconds: o.seconds,
-            pair_seconds: None,
+            pair_seconds,
             eval,
         });
         sample_sets.push((name.to_string(), sets));
+        Ok(())
+    };
+    let couplings = [
+        ("independent", Coupling::Independent),
+        ("ot", Coupling::Ot),
+        ("sinkhorn", Coupling::Sinkhorn { reg: 0.05 }),
+    ];
+    for (name, coupling) in couplings {
+        run_variant(
+            name,
+            base_config(a, coupling),
+            data.as_ref(),
+            source.as_deref(),
+            None,
+        )?;
     }
     // One round of reflow from the independent model.
     let indep = Checkpoint::load(&ck_root.join("independent"), &Device::Cpu)?;
     let t = Instant::now();
     let pairs = reflow::pairs(&indep, a.pairs, 100, a.seed.wrapping_add(17))?;
     let pair_seconds = t.elapsed().as_secs_f64();
-    let dir = ck_root.join("reflow");
-    let _ = std::fs::remove_dir_all(&dir);
     let cfg = reflow::next_config(&indep.meta.config, &ck_root.join("independent"), a.steps);
-    let mut trainer = Trainer::new(cfg, &Device::Cpu)?;
-    eprintln!("reflow: training {} steps on {} pairs", a.steps, a.pairs);
-    let o = train::run_loop(&mut trainer, &pairs, None, &dir, 0, None)?;
-    let model = trainer.ema_model()?;
-    let (eval, sets) = evaluate(
-        &model,
-        trainer.config(),
-        &refs,
-        checker,
-        a.num_samples,
-        a.seed,
-    )?;
-    variants.push(Variant {
-        name: "reflow".into(),
-        train_seconds: o.seconds,
-        pair_seconds: Some(pair_seconds),
-        eval,
-    });
-    sample_sets.push(("reflow".to_string(), sets));
+    run_variant("reflow", cfg, &pairs, None, Some(pair_seconds))?;
 
     // The coupling's own cost per training step, at the batch sizes users train with.
     let mut coupling_overhead = vec![];
