@@ -29,21 +29,6 @@ fn case(id: &'static str, args: &[&str], needle: &'static str, absent: &[&Path])
     }
 }
 
-/// A hand-made .npy with any descriptor, shape and payload.
-fn npy(path: &Path, descr: &str, shape: &str, payload: &[u8]) {
-    let mut h =
-        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(b' ');
-    }
-    h.push(b'\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
-    bytes.extend(h);
-    bytes.extend(payload);
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn train_small(out: &Path, hidden: &str) {
     let o = run(&[
         "train",
@@ -131,11 +116,11 @@ fn catalogue(d: &Path) -> Vec<Case> {
     let junk = d.join("junk.npy");
     std::fs::write(&junk, b"not an npy at all").unwrap();
     let ints = d.join("ints.npy");
-    npy(&ints, "<i4", "(2, 2)", &[0; 16]);
+    write_npy_raw(&ints, "<i4", "(2, 2)", &[0; 16]);
     let rank5 = d.join("rank5.npy");
-    npy(&rank5, "<f4", "(1, 1, 1, 1, 2)", &[0; 8]);
+    write_npy_raw(&rank5, "<f4", "(1, 1, 1, 1, 2)", &[0; 8]);
     let short = d.join("short.npy");
-    npy(&short, "<f4", "(1000, 2)", &[0; 16]);
+    write_npy_raw(&short, "<f4", "(1000, 2)", &[0; 16]);
     let nan = d.join("nan.csv");
     std::fs::write(&nan, "1,2\nnan,3\n").unwrap();
     let inf = d.join("inf.csv");

@@ -31,13 +31,11 @@ pub fn assert_clean_failure(o: &Output, needle: &str) {
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
 
-pub fn write_npy_f64(path: &Path, rows: &[[f64; 2]]) {
-    // A hand-made .npy (version 1.0, little-endian float64, C order), independent of our writer.
-    let header = format!(
-        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, 2), }}",
-        rows.len()
-    );
-    let mut h = header.into_bytes();
+/// A hand-made .npy (version 1.0, C order) with any descriptor, shape and payload, independent of our
+/// writer.
+pub fn write_npy_raw(path: &Path, descr: &str, shape: &str, payload: &[u8]) {
+    let mut h =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
     while (10 + h.len() + 1) % 64 != 0 {
         h.push(b' ');
     }
@@ -45,12 +43,18 @@ pub fn write_npy_f64(path: &Path, rows: &[[f64; 2]]) {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend((h.len() as u16).to_le_bytes());
     bytes.extend(h);
-    for r in rows {
-        for v in r {
-            bytes.extend(v.to_le_bytes());
-        }
-    }
+    bytes.extend(payload);
     std::fs::write(path, bytes).unwrap();
+}
+
+/// N x 2 little-endian float64 points as .npy.
+pub fn write_npy_f64(path: &Path, rows: &[[f64; 2]]) {
+    let payload: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    write_npy_raw(path, "<f8", &format!("({}, 2)", rows.len()), &payload);
 }
 
 pub fn read_npy_len(path: &Path) -> usize {
