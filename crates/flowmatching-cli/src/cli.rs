@@ -265,6 +265,9 @@ pub struct BenchArgs {
     /// Where to run: the CPU, or the first CUDA GPU (needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// The U-Net of the b5-step and b5-sample workloads (B5 itself is `small`).
+    #[arg(long, value_enum, default_value = "small")]
+    pub unet: UNetPreset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -470,9 +473,8 @@ impl DeviceArgs {
         match self.kind {
             DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
             DeviceArg::Cuda => {
-                let d = candle_core::Device::new_cuda(0).map_err(|e| {
-                    anyhow::anyhow!("no CUDA device ({e}); build with scripts/build-cuda.sh")
-                })?;
+                let d = flowmatching::device::cuda(0)
+                    .map_err(|e| anyhow::anyhow!("{e}; build with scripts/build-cuda.sh"))?;
                 candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
                 Ok(d)
             }

@@ -46,23 +46,26 @@ impl Weights {
 
     /// A k x k convolution (k odd) with "same" padding and stride 1 or 2, plus bias, on (N, C, H, W).
     ///
-    /// Computed as one matrix product (im2col): the k^2 shifted windows of the zero-padded input, in
-    /// channels-last layout, are concatenated into an (N H' W', k^2 C) matrix and multiplied by the kernel
-    /// reshaped to (k^2 C, C_out). Forward and backward are then matrix products and copies, which run
-    /// at GEMM speed on both the CPU and cuBLAS (candle's own conv backward uses a direct transposed
-    /// convolution, far slower here).
+    /// Three ways to compute it, picked by [`conv_impl`]:
+    /// - [`ConvImpl::Im2col`] (CPU default): one matrix product over the k^2 shifted windows of the
+    ///   zero-padded input in channels-last layout (an (N H' W', k^2 C) matrix times the kernel reshaped
+    ///   to (k^2 C, C_out)); forward and backward are then matrix products and copies.
+    /// - [`ConvImpl::Candle`]: candle's conv2d and candle's backward, whose input gradient is a direct
+    ///   (naive) transposed convolution.
+    /// - [`ConvImpl::GemmBackward`] (CUDA default): candle's conv2d forward with a backward made of
+    ///   forward convolutions only (see [`conv2d_gemm_backward`]), which candle runs as im2col + cuBLAS.
     ///
-    /// Which one runs: im2col on the CPU, candle's conv2d on CUDA (measured on the B5 U-Net step:
-    /// CPU 2.1 s vs 2.5 s at batch 8, H200 349 ms vs 285 ms at batch 128; `bench b5-step`).
-    /// `FLOWMATCHING_CONV=candle` or `=im2col` overrides the choice (for A/B benchmarks).
+    /// Measured on the B5 U-Net step (`bench b5-step`): CPU im2col 2.1 s vs candle 2.5 s at batch 8;
+    /// H200 im2col 349 ms vs candle 285 ms at batch 128.
     pub fn conv(&self, name: &str, x: &Tensor, stride: usize) -> Result<Tensor> {
         let w = self.get(&format!("{name}.weight"))?;
         let b = self.get(&format!("{name}.bias"))?;
-        if use_candle_conv(x.device()) {
-            let y = x.conv2d(w, w.dim(2)? / 2, stride, 1, 1)?;
-            return Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?);
-        }
-        conv2d_im2col(x, w, b, stride)
+        let y = match conv_impl(x.device()) {
+            ConvImpl::Im2col => return conv2d_im2col(x, w, b, stride),
+            ConvImpl::Candle => x.conv2d(w, w.dim(2)? / 2, stride, 1, 1)?,
+            ConvImpl::GemmBackward => conv2d_gemm_backward(x, w, stride)?,
+        };
+        Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
     }
 
     /// GroupNorm (eps 1e-5): each group of channels normalised over (its channels, H, W), then a
@@ -152,15 +155,137 @@ impl<'a, 'b> Builder<'a, 'b> {
     }
 }
 
-/// Whether convolutions on `device` use candle's conv2d (see [`Weights::conv`]).
-pub fn use_candle_conv(device: &candle_core::Device) -> bool {
-    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+/// How [`Weights::conv`] computes a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvImpl {
+    Im2col,
+    Candle,
+    GemmBackward,
+}
+
+impl ConvImpl {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvImpl::Im2col => "im2col",
+            ConvImpl::Candle => "candle",
+            ConvImpl::GemmBackward => "gemm-backward",
+        }
+    }
+}
+
+/// The convolution used on `device`: im2col on the CPU, [`ConvImpl::GemmBackward`] elsewhere;
+/// `FLOWMATCHING_CONV=im2col|candle|gemm-backward` overrides it (for A/B benchmarks).
+pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
+    static CHOICE: std::sync::OnceLock<Option<ConvImpl>> = std::sync::OnceLock::new();
     let forced = *CHOICE.get_or_init(|| match std::env::var("FLOWMATCHING_CONV").as_deref() {
-        Ok("candle") => Some(true),
-        Ok("im2col") => Some(false),
+        Ok("candle") => Some(ConvImpl::Candle),
+        Ok("im2col") => Some(ConvImpl::Im2col),
+        Ok("gemm-backward") => Some(ConvImpl::GemmBackward),
         _ => None,
     });
-    forced.unwrap_or(!device.is_cpu())
+    forced.unwrap_or(if device.is_cpu() {
+        ConvImpl::Im2col
+    } else {
+        ConvImpl::GemmBackward
+    })
+}
+
+/// candle's conv2d (padding k/2, no bias) whose backward uses forward convolutions only.
+///
+/// For y = x * w with stride s and padding p = k/2 (k odd):
+/// - dL/dx = conv(dilate_s(g), flip(w)^T, padding k - 1 - p), where dilate_s puts g[i] at s i and zeros
+///   between, and flip(w)^T swaps the kernel's in/out channels and reverses it in space;
+/// - dL/dw[o, i] = sum over n of conv(x[n, i], g[n, o]) with dilation s, i.e. a convolution over the
+///   batch with the roles of batch and channels swapped (as candle's own backward computes it).
+pub fn conv2d_gemm_backward(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, ci, k, k2) = w.dims4()?;
+    if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
+        return Err(Error::Config(format!(
+            "convolution of {:?} with kernel {:?} and stride {stride} is not supported",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    if stride == 2 && (h % 2 != 0 || wd % 2 != 0) {
+        return Err(Error::Config(format!(
+            "a stride-2 convolution needs even height and width, got {h}x{wd}"
+        )));
+    }
+    let y = x.detach().conv2d(&w.detach(), k / 2, stride, 1, 1)?;
+    Ok(x.apply_op3(w, &y, ConvGrad { stride })?)
+}
+
+/// Forwards a precomputed convolution output and supplies its gradients (see [`conv2d_gemm_backward`]).
+struct ConvGrad {
+    stride: usize,
+}
+
+impl candle_core::CustomOp3 for ConvGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.stride;
+        let k = w.dim(2)?;
+        let p = k / 2;
+        let gd = if s == 1 {
+            g.clone()
+        } else {
+            let (n, co, ho, wo) = g.dims4()?;
+            g.reshape((n, co, ho, 1, wo, 1))?
+                .pad_with_zeros(3, 0, s - 1)?
+                .pad_with_zeros(5, 0, s - 1)?
+                .reshape((n, co, ho * s, wo * s))?
+        };
+        let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        let dx = gd.conv2d(&w_t, k - 1 - p, 1, 1, 1)?;
+        let dw = x
+            .transpose(0, 1)?
+            .conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?
+            .transpose(0, 1)?;
+        let dw = if dw.dim(2)? != k {
+            dw.narrow(2, 0, k)?.narrow(3, 0, k)?
+        } else {
+            dw
+        };
+        Ok((Some(dx), Some(dw), None))
+    }
 }
 
 /// See [`Weights::conv`].
@@ -243,5 +368,29 @@ mod tests {
         let w = Tensor::zeros((5, 3, 3, 3), DType::F64, &dev).unwrap();
         let b = Tensor::zeros(5, DType::F64, &dev).unwrap();
         assert!(conv2d_im2col(&odd, &w, &b, 2).is_err());
+    }
+
+    /// The forward-convolution backward gives candle's gradients for 1x1 and 3x3 kernels, strides 1
+    /// and 2, non-square inputs, and a loss that weights every output differently.
+    #[test]
+    fn gemm_backward_gradients_match_candle() {
+        let dev = Device::Cpu;
+        for (k, stride) in [(3, 1), (3, 2), (1, 1), (1, 2)] {
+            let x = candle_core::Var::randn(0f64, 1.0, (2, 3, 6, 4), &dev).unwrap();
+            let w = candle_core::Var::randn(0f64, 1.0, (5, 3, k, k), &dev).unwrap();
+            let (ho, wo) = (6 / stride, 4 / stride);
+            let r = Tensor::randn(0f64, 1.0, (2, 5, ho, wo), &dev).unwrap();
+            let ours = conv2d_gemm_backward(&x, &w, stride).unwrap();
+            let want = x.conv2d(&w, k / 2, stride, 1, 1).unwrap();
+            assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-12);
+            let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [x.as_tensor(), w.as_tensor()] {
+                let (a, b) = (go.get(v).unwrap(), gw.get(v).unwrap());
+                assert_eq!(a.dims(), b.dims());
+                let d = crate::testing::max_abs_diff(a, b);
+                assert!(d < 1e-10, "k {k} stride {stride}: gradient differs by {d}");
+            }
+        }
     }
 }

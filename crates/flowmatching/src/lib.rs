@@ -21,12 +21,14 @@
 //! - [`checkpoint`]: atomic, checksummed checkpoints with exact resume;
 //! - [`solver`]: ODE solvers with exact NFE statistics;
 //! - [`data`] and [`metrics`]: built-in 2-D data sets and sample-quality measures;
+//! - [`device`]: opening a CUDA device for single-stream use;
 //! - [`classifier`] and [`frechet`]: the image classifier and the Frechet distance of its features.
 
 pub mod checkpoint;
 pub mod classifier;
 pub mod coupling;
 pub mod data;
+pub mod device;
 pub mod empirical;
 pub mod error;
 pub mod fastmlp;

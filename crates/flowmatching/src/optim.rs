@@ -1,6 +1,6 @@
 //! AdamW with decoupled weight decay, gradient-norm clipping, learning-rate warm-up and EMA.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -47,17 +47,57 @@ impl AdamWConfig {
     }
 }
 
+/// Tensors flattened and joined, in order, into one vector (detached).
+///
+/// The optimizer, clipping and EMA work on such flat vectors: a handful of large element-wise operations
+/// instead of a dozen small ones per parameter tensor (on a GPU, each operation is a kernel launch).
+pub fn flatten<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<Tensor> {
+    let parts = tensors
+        .into_iter()
+        .map(|t| t.detach().flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The flat vector of the parameters' current values.
+pub fn flatten_params(params: &Params) -> Result<Tensor> {
+    flatten(params.vars().map(|v| v.as_tensor()))
+}
+
+/// Splits a flat vector back into tensors shaped like the parameters (views, no copies).
+pub fn unflatten(flat: &Tensor, params: &Params) -> Result<Vec<Tensor>> {
+    if flat.elem_count() != params.count() {
+        return Err(Error::Config(format!(
+            "a flat vector of {} values does not match {} parameters",
+            flat.elem_count(),
+            params.count()
+        )));
+    }
+    let mut off = 0;
+    params
+        .vars()
+        .map(|v| {
+            let n = v.elem_count();
+            let t = flat.narrow(0, off, n)?.reshape(v.shape())?;
+            off += n;
+            Ok(t)
+        })
+        .collect()
+}
+
 /// AdamW (Loshchilov and Hutter): with g the gradient and k the step count,
 ///
 /// ```text
 /// m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
 /// theta <- theta (1 - lr wd) - lr (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
 /// ```
+///
+/// The moments are kept as flat vectors over all parameters (see [`flatten`]).
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    m: Tensor,
+    v: Tensor,
     /// Number of updates taken (k above).
     pub steps: u64,
 }
@@ -65,54 +105,55 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: &Params, config: AdamWConfig) -> Result<Self> {
         config.validate()?;
-        let zeros = |var: &Var| var.zeros_like();
-        let m = params
-            .vars()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params
-            .vars()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let theta = flatten_params(params)?;
         Ok(Self {
             config,
-            m,
-            v,
+            m: theta.zeros_like()?,
+            v: theta.zeros_like()?,
             steps: 0,
         })
     }
 
     /// One update of every parameter with its gradient (same order as `params`) at learning rate `lr`.
     pub fn step(&mut self, params: &Params, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_flat(params, &flatten(grads)?, lr).map(|_| ())
+    }
+
+    /// [`AdamW::step`] with the gradients as one flat vector; returns the new flat parameter vector.
+    pub fn step_flat(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
         self.steps += 1;
         let c = self.config;
         let k = self.steps as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k));
-        for (((var, g), m), v) in params.vars().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            // Gradients from autograd carry the graph that made them (activations included); the
-            // moments must not, or every step's graph would stay alive through them.
-            let g = &g.detach();
-            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = (&*m * (lr / bc1))?.div(&((&*v * (1.0 / bc2))?.sqrt()? + c.eps)?)?;
-            let decayed = if c.weight_decay > 0.0 {
-                (var.as_tensor().detach() * (1.0 - lr * c.weight_decay))?
-            } else {
-                var.as_tensor().detach()
-            };
-            var.set(&(decayed - update)?)?;
+        // Gradients from autograd carry the graph that made them (activations included); the
+        // moments must not, or every step's graph would stay alive through them.
+        let g = g.detach();
+        self.m = (self.m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+        self.v = (self.v.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+        let denom = self.v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
+        let update = self.m.affine(lr / bc1, 0.0)?.div(&denom)?;
+        let theta = flatten_params(params)?;
+        let theta = if c.weight_decay > 0.0 {
+            theta.affine(1.0 - lr * c.weight_decay, 0.0)?
+        } else {
+            theta
+        };
+        let theta = (theta - update)?;
+        for (var, value) in params.vars().zip(unflatten(&theta, params)?) {
+            var.set(&value)?;
         }
-        Ok(())
+        Ok(theta)
     }
 
     /// Moments for checkpoints, named `adam.m.<param>` and `adam.v.<param>`.
-    pub fn state(&self, params: &Params) -> Vec<(String, Tensor)> {
+    pub fn state(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
-        for ((name, _), (m, v)) in params.iter().zip(self.m.iter().zip(&self.v)) {
-            out.push((format!("adam.m.{name}"), m.clone()));
-            out.push((format!("adam.v.{name}"), v.clone()));
+        let (m, v) = (unflatten(&self.m, params)?, unflatten(&self.v, params)?);
+        for ((name, _), (m, v)) in params.iter().zip(m.into_iter().zip(v)) {
+            out.push((format!("adam.m.{name}"), m));
+            out.push((format!("adam.v.{name}"), v));
         }
-        out
+        Ok(out)
     }
 
     /// Restores the moments saved by [`AdamW::state`].
@@ -122,26 +163,52 @@ impl AdamW {
         get: &dyn Fn(&str) -> Result<Tensor>,
         steps: u64,
     ) -> Result<()> {
-        for (i, (name, var)) in params.iter().enumerate() {
-            self.m[i] = get(&format!("adam.m.{name}"))?.to_dtype(var.dtype())?;
-            self.v[i] = get(&format!("adam.v.{name}"))?.to_dtype(var.dtype())?;
-        }
+        let named = |prefix: &str| -> Result<Vec<Tensor>> {
+            params
+                .iter()
+                .map(|(name, var)| {
+                    let t = get(&format!("{prefix}{name}"))?.to_dtype(var.dtype())?;
+                    if t.shape() != var.shape() {
+                        return Err(Error::Config(format!(
+                            "{prefix}{name} has shape {:?}, the parameter {:?}",
+                            t.dims(),
+                            var.dims()
+                        )));
+                    }
+                    Ok(t)
+                })
+                .collect()
+        };
+        self.m = flatten(&named("adam.m.")?)?;
+        self.v = flatten(&named("adam.v.")?)?;
         self.steps = steps;
         Ok(())
     }
 }
 
-/// Global L2 norm of all gradients.
+/// Global L2 norm of all gradients (one value read back from the device).
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut total = 0.0f64;
-    for g in grads {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+    flat_norm(&flatten(grads)?)
+}
+
+/// L2 norm of a flat vector.
+pub fn flat_norm(g: &Tensor) -> Result<f64> {
+    Ok(g.sqr()?
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .sqrt())
+}
+
+/// Scales a flat gradient so that its norm is at most `max_norm` (PyTorch's clip_grad_norm_).
+/// Returns the norm before clipping.
+pub fn clip_flat(g: &mut Tensor, max_norm: f64) -> Result<f64> {
+    let norm = flat_norm(g)?;
+    let scale = max_norm / (norm + 1e-6);
+    if scale < 1.0 {
+        *g = g.affine(scale, 0.0)?;
     }
-    Ok(total.sqrt())
+    Ok(norm)
 }
 
 /// Scales gradients so that their global norm is at most `max_norm` (PyTorch's clip_grad_norm_).
@@ -192,11 +259,12 @@ pub fn scheduled_lr(lr: f64, step: u64, warmup: u64, total: u64, decay: LrDecay)
     }
 }
 
-/// Exponential moving average of the weights: ema <- decay ema + (1 - decay) theta.
+/// Exponential moving average of the weights: ema <- decay ema + (1 - decay) theta, kept as one flat
+/// vector over all parameters (see [`flatten`]).
 #[derive(Debug, Clone)]
 pub struct Ema {
     pub decay: f64,
-    pub values: Vec<Tensor>,
+    values: Tensor,
 }
 
 impl Ema {
@@ -206,18 +274,39 @@ impl Ema {
                 "EMA decay must lie in [0, 1), got {decay}"
             )));
         }
-        let values = params
-            .vars()
-            .map(|v| Ok(v.as_tensor().copy()?.detach()))
-            .collect::<Result<_>>()?;
-        Ok(Self { decay, values })
+        Ok(Self {
+            decay,
+            values: flatten_params(params)?,
+        })
     }
 
     pub fn update(&mut self, params: &Params) -> Result<()> {
+        self.update_flat(&flatten_params(params)?)
+    }
+
+    /// [`Ema::update`] from the flat parameter vector (as [`AdamW::step_flat`] returns it).
+    pub fn update_flat(&mut self, theta: &Tensor) -> Result<()> {
         let d = self.decay;
-        for (e, v) in self.values.iter_mut().zip(params.vars()) {
-            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+        self.values = (self.values.affine(d, 0.0)? + theta.detach().affine(1.0 - d, 0.0)?)?;
+        Ok(())
+    }
+
+    /// The averaged weights, shaped like the parameters.
+    pub fn values(&self, params: &Params) -> Result<Vec<Tensor>> {
+        unflatten(&self.values, params)
+    }
+
+    /// Replaces the averaged weights (one tensor per parameter, in order).
+    pub fn set_values(&mut self, values: &[Tensor]) -> Result<()> {
+        let flat = flatten(values)?;
+        if flat.elem_count() != self.values.elem_count() {
+            return Err(Error::Config(format!(
+                "EMA state has {} values, the model {}",
+                flat.elem_count(),
+                self.values.elem_count()
+            )));
         }
+        self.values = flat.to_dtype(self.values.dtype())?;
         Ok(())
     }
 }
@@ -275,9 +364,17 @@ mod tests {
 
     #[test]
     fn clipping_bounds_the_norm() {
-        let mut g = vec![Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap()];
-        assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 5.0).abs() < 1e-12);
-        assert!((grad_norm(&g).unwrap() - 1.0).abs() < 1e-6);
+        let parts = [
+            Tensor::new(&[3.0f64], &Device::Cpu).unwrap(),
+            Tensor::new(&[[4.0f64]], &Device::Cpu).unwrap(),
+        ];
+        assert!((grad_norm(&parts).unwrap() - 5.0).abs() < 1e-12);
+        let mut g = flatten(&parts).unwrap();
+        assert!((clip_flat(&mut g, 1.0).unwrap() - 5.0).abs() < 1e-12);
+        assert!((flat_norm(&g).unwrap() - 1.0).abs() < 1e-6);
+        let mut small = g.clone();
+        clip_flat(&mut small, 10.0).unwrap();
+        assert_eq!(small.to_vec1::<f64>().unwrap(), g.to_vec1::<f64>().unwrap());
     }
 
     #[test]

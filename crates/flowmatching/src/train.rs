@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fastmlp::{ema_update, FlatAdamW, MlpEngine};
 use crate::objective::Weighting;
-use crate::optim::{clip_grad_norm, scheduled_lr, AdamW, AdamWConfig, Ema, LrDecay};
+use crate::optim::{clip_flat, flatten, scheduled_lr, AdamW, AdamWConfig, Ema, LrDecay};
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
 use crate::scheduler::SchedulerConfig;
@@ -395,27 +395,27 @@ impl Trainer {
                     });
                 }
                 let grads = loss.backward()?;
-                let mut g = self
+                let g = self
                     .params
                     .iter()
                     .map(|(name, v)| {
                         grads
                             .get(v.as_tensor())
-                            .cloned()
                             .ok_or_else(|| Error::Config(format!("no gradient for {name}")))
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let mut g = flatten(g)?;
                 if let Some(max) = c.grad_clip {
-                    if !clip_grad_norm(&mut g, max)?.is_finite() {
+                    if !clip_flat(&mut g, max)?.is_finite() {
                         return Err(Error::NonFinite {
                             step,
                             what: "the gradient norm".into(),
                         });
                     }
                 }
-                opt.step(&self.params, &g, lr)?;
+                let theta = opt.step_flat(&self.params, &g, lr)?;
                 if c.ema_decay > 0.0 {
-                    ema.update(&self.params)?;
+                    ema.update_flat(&theta)?;
                 }
                 value
             }
@@ -485,7 +485,7 @@ impl Trainer {
                 .collect();
         }
         match &self.engine {
-            Engine::Candle { ema, .. } => Ok(ema.values.clone()),
+            Engine::Candle { ema, .. } => ema.values(&self.params),
             Engine::Fast { ema, .. } => split(ema, &self.params),
         }
     }
@@ -502,7 +502,7 @@ impl Trainer {
             out.push((format!("ema.{name}"), e));
         }
         match &self.engine {
-            Engine::Candle { opt, .. } => out.extend(opt.state(&self.params)),
+            Engine::Candle { opt, .. } => out.extend(opt.state(&self.params)?),
             Engine::Fast { opt, .. } => {
                 let (m, v) = (split(&opt.m, &self.params)?, split(&opt.v, &self.params)?);
                 for (((name, _), m), v) in self.params.iter().zip(m).zip(v) {
@@ -549,7 +549,7 @@ impl Trainer {
         let ema_values = named("ema.")?;
         match &mut self.engine {
             Engine::Candle { opt, ema } => {
-                ema.values = ema_values;
+                ema.set_values(&ema_values)?;
                 opt.load_state(&self.params, &get, step)?;
             }
             Engine::Fast {

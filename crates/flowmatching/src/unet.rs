@@ -417,15 +417,24 @@ impl UNet {
                 Block::Res { name, .. } => self.res_block(&name, &h, &emb)?,
                 Block::Attn { name, .. } => self.attention(&name, &h)?,
                 Block::Down { name, .. } => self.conv(&name, &h, 2)?,
-                Block::Up { name, .. } => {
-                    let (_, _, hh, ww) = h.dims4()?;
-                    self.conv(&name, &h.upsample_nearest2d(2 * hh, 2 * ww)?, 1)?
-                }
+                Block::Up { name, .. } => self.conv(&name, &upsample2x(&h)?, 1)?,
             };
         }
         let h = self.norm("out.norm", &h)?.silu()?;
         Ok(self.conv("out.conv", &h, 1)?.reshape(shape)?)
     }
+}
+
+/// Nearest-neighbour 2x upsampling of (N, C, H, W) as a broadcast copy.
+///
+/// Same values as candle's `upsample_nearest2d`, whose backward is a grouped convolution that candle
+/// runs as one convolution per channel (hundreds of kernel launches); a broadcast's backward is one sum.
+fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    Ok(x.reshape((n, c, h, 1, w, 1))?
+        .broadcast_as((n, c, h, 2, w, 2))?
+        .contiguous()?
+        .reshape((n, c, 2 * h, 2 * w))?)
 }
 
 /// Softmax over the last dimension from primitive ops (so autograd sees through it).
@@ -456,6 +465,27 @@ mod tests {
             groups: 4,
             num_classes: 3,
         }
+    }
+
+    /// The broadcast upsampling equals candle's nearest upsampling, and its gradient sums each 2x2 block.
+    #[test]
+    fn upsample_matches_candle() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f64, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let ours = upsample2x(&x).unwrap();
+        let want = x.upsample_nearest2d(8, 10).unwrap();
+        assert_eq!(crate::testing::max_abs_diff(&ours, &want), 0.0);
+        let r = Tensor::randn(0f64, 1.0, (2, 3, 8, 10), &dev).unwrap();
+        let g = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap();
+        let block_sums = r
+            .reshape((2, 3, 4, 2, 5, 2))
+            .unwrap()
+            .sum(5)
+            .unwrap()
+            .sum(3)
+            .unwrap();
+        assert!(crate::testing::max_abs_diff(g, &block_sums) < 1e-12);
     }
 
     #[test]

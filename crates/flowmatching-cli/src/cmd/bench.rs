@@ -20,7 +20,7 @@ use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
-use crate::cli::{BenchArgs, DeviceArg, Workload};
+use crate::cli::{BenchArgs, DeviceArg, UNetPreset, Workload};
 
 #[derive(Serialize)]
 struct Timing {
@@ -75,9 +75,12 @@ pub fn train_config(
 }
 
 /// B5: the small U-Net on Fashion-MNIST-shaped data, as `train --data fashion-mnist` builds it.
-fn unet_config(batch: usize) -> RunConfig {
+fn unet_config(batch: usize, preset: UNetPreset) -> RunConfig {
     let mut c = train_config(64, 1, batch, Activation::Silu);
-    c.model = ModelConfig::UNet(UNetConfig::small(1, 28, 28, 10));
+    c.model = ModelConfig::UNet(match preset {
+        UNetPreset::Small => UNetConfig::small(1, 28, 28, 10),
+        UNetPreset::Tiny => UNetConfig::tiny(1, 28, 28, 10),
+    });
     c.train.label_dropout = 0.1;
     c
 }
@@ -94,7 +97,7 @@ fn fake_images(n: usize) -> Result<TensorDataset> {
 
 /// Per-piece timings of the U-Net at B5 shapes (batch --batch).
 fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
-    use flowmatching::layers::conv2d_im2col;
+    use flowmatching::layers::{conv2d_gemm_backward, conv2d_im2col};
     let b = a.batch;
     let report = |name: String, times: Vec<f64>| -> Result<()> {
         let t = Timing {
@@ -121,12 +124,13 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
             ("im2col", true),
             ("candle", false),
             ("candle", true),
+            ("gemm-backward", true),
         ] {
             let (times, _) = time(a.warmup, a.iters, || {
-                let y = if imp == "im2col" {
-                    conv2d_im2col(x.as_tensor(), w.as_tensor(), &bias, 1)?
-                } else {
-                    x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?
+                let y = match imp {
+                    "im2col" => conv2d_im2col(x.as_tensor(), w.as_tensor(), &bias, 1)?,
+                    "gemm-backward" => conv2d_gemm_backward(x.as_tensor(), w.as_tensor(), 1)?,
+                    _ => x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?,
                 };
                 if backward {
                     let g = y.sqr()?.mean_all()?.backward()?;
@@ -198,19 +202,28 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let dev = match a.device {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("no CUDA device ({e}); build with scripts/build-cuda.sh")
-        })?,
+        DeviceArg::Cuda => flowmatching::device::cuda(0)
+            .map_err(|e| anyhow::anyhow!("{e}; build with scripts/build-cuda.sh"))?,
     };
-    let conv = if flowmatching::layers::use_candle_conv(&dev) {
-        "candle-conv"
-    } else {
-        "im2col"
-    };
+    // The variant, in the workload's name: convolution, U-Net preset, cudarc event tracking.
+    let conv = format!(
+        "{}{}{}",
+        flowmatching::layers::conv_impl(&dev).name(),
+        if a.unet == UNetPreset::Tiny {
+            "-tiny"
+        } else {
+            ""
+        },
+        if dev.is_cuda() && flowmatching::device::event_tracking_requested() {
+            "-events"
+        } else {
+            ""
+        }
+    );
     let (name, (times, nfe)) = match a.workload {
         Workload::UnetParts => return unet_parts(a, &dev),
         Workload::B5Step => {
-            let mut trainer = Trainer::new(unet_config(a.batch), &dev)?;
+            let mut trainer = Trainer::new(unet_config(a.batch, a.unet), &dev)?;
             let data = fake_images(1024)?;
             (
                 format!("b5-step-b{}-{conv}", a.batch),
@@ -220,7 +233,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             )
         }
         Workload::B5Sample => {
-            let cfg = unet_config(a.batch);
+            let cfg = unet_config(a.batch, a.unet);
             let (model, _) = cfg.model.build(&mut Rng::new(0), &dev, DType::F32)?;
             let model = model.frozen()?;
             let x0 = Tensor::from_vec(Rng::new(1).normal_vec(a.batch * 784), (a.batch, 784), &dev)?;
