@@ -202,9 +202,26 @@ pub enum Preset {
 
 #[derive(Debug, Args)]
 pub struct AblateArgs {
-    /// A built-in 2-D set or a .npy / .csv file of 2-D points.
+    /// A built-in 2-D set, a .npy / .csv file of 2-D points, or images (fashion-mnist, an image folder,
+    /// a .npy of images: then the network is a U-Net and quality is FD, which needs --classifier).
     #[arg(long, default_value = "checkerboard")]
     pub data: String,
+    /// Images: the evaluation classifier (from `flowmatching classifier train`) whose features FD uses.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Images: the U-Net's base channels (default 32, the `tiny` preset).
+    #[arg(long)]
+    pub base_channels: Option<usize>,
+    /// Cap on every sample count of the preset (samples, NFE probes, likelihood and error points).
+    #[arg(long)]
+    pub num_samples: Option<usize>,
+    /// Cap on the steps of each adaptive solve (default 2000); a capped solve is reported as such.
+    #[arg(long)]
+    pub max_adaptive_steps: Option<usize>,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Output folder: report.md, results.json, PNG figures and one checkpoint per objective.
     #[arg(long, default_value = "report")]
     pub out: PathBuf,

@@ -405,6 +405,59 @@ fn images_train_sample_classify_and_evaluate() {
     );
     assert!(report.join("samples-w2.png").exists() && report.join("report.md").exists());
 
+    // The five-way ablation on images: U-Net, FD at every budget, grids; adaptive solves capped to stay
+    // fast (the report must say so), and a clear error without a classifier.
+    let abl = d.join("ablate");
+    let mut args = vec![
+        "ablate",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+        "--preset",
+        "quick",
+        "--steps",
+        "2",
+        "--num-samples",
+        "6",
+        "--base-channels",
+        "8",
+        "--max-adaptive-steps",
+        "3",
+        "--out",
+        abl.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert_clean_failure(&o, "--classifier");
+    args.extend(["--classifier", clf.to_str().unwrap()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(abl.join("report.md")).unwrap();
+    for want in [
+        "U-Net",
+        "FD @ 4 NFE",
+        "bits/dim",
+        "FM-OT",
+        "ScoreFlow",
+        "capped",
+    ] {
+        assert!(
+            md.contains(want),
+            "{want} missing from the image ablation report:\n{md}"
+        );
+    }
+    assert!(
+        !md.contains("conditional-paths"),
+        "path figures are 2-D only"
+    );
+    for f in [
+        "samples-fm-ot.png",
+        "samples-ddpm.png",
+        "nfe-during-training.png",
+    ] {
+        assert!(abl.join(f).exists(), "{f} missing");
+    }
+
     // Errors: guidance out of range, a class that does not exist, guidance on a 2-D model, missing data.
     let o = run(&[
         "sample",

@@ -65,7 +65,7 @@ fn clamp(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
 }
 
-fn stats_of(clf: &Classifier, rows: &[f32], device: &Device) -> Result<GaussianStats> {
+pub(crate) fn stats_of(clf: &Classifier, rows: &[f32], device: &Device) -> Result<GaussianStats> {
     let f = clf.features_of(rows, 500, device)?;
     Ok(GaussianStats::of(&f, FEATURES)?)
 }

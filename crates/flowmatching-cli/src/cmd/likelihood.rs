@@ -37,7 +37,7 @@ struct Report {
 
 /// Up to `n` images from an image set, uniformly dequantized: each pixel byte b becomes
 /// (b + u) / 128 - 1 with u ~ U[0, 1), so the data have a density and bits/dim use the scale 2/256.
-fn dequantized_images(
+pub(crate) fn dequantized_images(
     spec: &str,
     opts: &io::DataOptions,
     n: Option<usize>,
