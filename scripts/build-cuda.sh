@@ -4,6 +4,9 @@
 # versioned libraries, and a stub libcuda.so for the linker (the real driver is loaded at run time).
 #
 #   scripts/build-cuda.sh            -> target-cuda/release/flowmatching (compute capability 9.0: H100/H200)
+#   scripts/build-cuda.sh --cudnn    -> target-cuda/release/flowmatching-cudnn: convolutions through cuDNN
+#                                       (PyPI's nvidia-cudnn-cu13 to link; at run time libcudnn.so.9 must
+#                                       be on LD_LIBRARY_PATH: the GPU machine's PyTorch has one)
 #
 # About 30 minutes cold on 2 cores (nvcc compiles candle-kernels); keep target-cuda/ between runs. Not part
 # of CI. To run the binary on the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda/lib64 (libcublas.so.13,
@@ -31,6 +34,20 @@ export NVCC="$CU/bin/nvcc" CUDA_HOME="$CU" CUDA_ROOT="$CU" CUDA_PATH="$CU" PATH=
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH="$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CU/lib"
-cargo build --release -p flowmatching-cli --features cuda --target-dir target-cuda
-strip target-cuda/release/flowmatching
-ls -la target-cuda/release/flowmatching
+FEATURES=cuda
+if [ "${1:-}" = "--cudnn" ]; then
+  "$VENV/bin/pip" install -q "nvidia-cudnn-cu13==9.*"
+  CUDNN=$("$VENV/bin/python" -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__))")
+  ln -sf libcudnn.so.9 "$CUDNN/lib/libcudnn.so"
+  # LIBRARY_PATH only: a different RUSTFLAGS would rebuild everything, candle-kernels included.
+  export LIBRARY_PATH="$CUDNN/lib:$LIBRARY_PATH"
+  FEATURES=cudnn
+fi
+# Both variants share target-cuda/ (candle-kernels, the slow part, does not depend on the feature).
+cargo build --release -p flowmatching-cli --features "$FEATURES" --target-dir target-cuda
+BIN=target-cuda/release/flowmatching
+if [ "$FEATURES" = cudnn ]; then
+  cp "$BIN" "$BIN-cudnn" && BIN="$BIN-cudnn"
+fi
+strip "$BIN"
+ls -la "$BIN"

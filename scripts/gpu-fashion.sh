@@ -25,6 +25,13 @@ T0=$(date +%s)
 TOTAL=${1:-560}
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# The cuDNN build (scripts/build-cuda.sh --cudnn), carried as .carry/flowmatching-cudnn.gz, runs with the
+# libcudnn.so.9 of the machine's PyTorch; otherwise the plain build.
+CUDNN_LIB=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__) + '/lib')" 2>/dev/null)
+if [ -z "${BIN:-}" ] && [ -f .carry/flowmatching-cudnn.gz ] && [ -n "$CUDNN_LIB" ]; then
+  export LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH
+  gzip -dc .carry/flowmatching-cudnn.gz > /tmp/flowmatching && chmod +x /tmp/flowmatching && BIN=/tmp/flowmatching
+fi
 if [ -z "${BIN:-}" ] && [ -f .carry/flowmatching.gz ]; then
   gzip -dc .carry/flowmatching.gz > /tmp/flowmatching && chmod +x /tmp/flowmatching && BIN=/tmp/flowmatching
 fi

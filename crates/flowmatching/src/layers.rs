@@ -275,9 +275,11 @@ impl candle_core::CustomOp3 for ConvGrad {
         };
         let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
         let dx = gd.conv2d(&w_t, k - 1 - p, 1, 1, 1)?;
+        // The kernel of this convolution is the output gradient; contiguous, so that cuDNN (feature
+        // `cudnn`) takes it: candle sends strided kernels to its direct convolution kernel.
         let dw = x
             .transpose(0, 1)?
-            .conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?
+            .conv2d(&g.transpose(0, 1)?.contiguous()?, p, 1, s, 1)?
             .transpose(0, 1)?;
         let dw = if dw.dim(2)? != k {
             dw.narrow(2, 0, k)?.narrow(3, 0, k)?
