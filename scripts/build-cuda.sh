@@ -37,7 +37,7 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CU/lib"
 FEATURES=cuda
 if [ "${1:-}" = "--cudnn" ]; then
   "$VENV/bin/pip" install -q "nvidia-cudnn-cu13==9.*"
-  CUDNN=$("$VENV/bin/python" -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__))")
+  CUDNN=$("$VENV/bin/python" -c "import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0])")
   ln -sf libcudnn.so.9 "$CUDNN/lib/libcudnn.so"
   # LIBRARY_PATH only: a different RUSTFLAGS would rebuild everything, candle-kernels included.
   export LIBRARY_PATH="$CUDNN/lib:$LIBRARY_PATH"

@@ -27,7 +27,7 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 # The cuDNN build (scripts/build-cuda.sh --cudnn), carried as .carry/flowmatching-cudnn.gz, runs with the
 # libcudnn.so.9 of the machine's PyTorch; otherwise the plain build.
-CUDNN_LIB=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__) + '/lib')" 2>/dev/null)
+CUDNN_LIB=$(python3 -c "import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0] + '/lib')" 2>/dev/null)
 if [ -z "${BIN:-}" ] && [ -f .carry/flowmatching-cudnn.gz ] && [ -n "$CUDNN_LIB" ]; then
   export LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH
   gzip -dc .carry/flowmatching-cudnn.gz > /tmp/flowmatching && chmod +x /tmp/flowmatching && BIN=/tmp/flowmatching

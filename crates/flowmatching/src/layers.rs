@@ -198,20 +198,8 @@ pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
 /// - dL/dw[o, i] = sum over n of conv(x[n, i], g[n, o]) with dilation s, i.e. a convolution over the
 ///   batch with the roles of batch and channels swapped (as candle's own backward computes it).
 pub fn conv2d_gemm_backward(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
-    let (_, c, h, wd) = x.dims4()?;
-    let (_, ci, k, k2) = w.dims4()?;
-    if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
-        return Err(Error::Config(format!(
-            "convolution of {:?} with kernel {:?} and stride {stride} is not supported",
-            x.dims(),
-            w.dims()
-        )));
-    }
-    if stride == 2 && (h % 2 != 0 || wd % 2 != 0) {
-        return Err(Error::Config(format!(
-            "a stride-2 convolution needs even height and width, got {h}x{wd}"
-        )));
-    }
+    check_conv(x, w, stride)?;
+    let k = w.dim(2)?;
     let y = x.detach().conv2d(&w.detach(), k / 2, stride, 1, 1)?;
     Ok(x.apply_op3(w, &y, ConvGrad { stride })?)
 }
@@ -290,10 +278,11 @@ impl candle_core::CustomOp3 for ConvGrad {
     }
 }
 
-/// See [`Weights::conv`].
-pub fn conv2d_im2col(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (co, ci, k, k2) = w.dims4()?;
+/// The convolutions supported here: an odd square kernel matching the input's channels, stride 1 or 2
+/// (even sizes for 2).
+fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, ci, k, k2) = w.dims4()?;
     if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
         return Err(Error::Config(format!(
             "convolution of {:?} with kernel {:?} and stride {stride} is not supported",
@@ -306,6 +295,14 @@ pub fn conv2d_im2col(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Resul
             "a stride-2 convolution needs even height and width, got {h}x{wd}"
         )));
     }
+    Ok(())
+}
+
+/// See [`Weights::conv`].
+pub fn conv2d_im2col(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+    check_conv(x, w, stride)?;
+    let (n, c, h, wd) = x.dims4()?;
+    let (co, _, k, _) = w.dims4()?;
     let p = k / 2;
     let (ho, wo) = (h / stride, wd / stride);
     let xl = x

@@ -420,17 +420,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
                      (made by `flowmatching classifier train`)"
                 );
             };
-            let classifier = Classifier::load(path, &device)?;
-            let c = classifier.config();
-            if [c.channels, c.height, c.width] != shape {
-                bail!(
-                    "the classifier takes {}x{}x{} images but {} holds {shape:?}",
-                    c.channels,
-                    c.height,
-                    c.width,
-                    a.data
-                );
-            }
+            let classifier = image_eval::load_classifier(path, shape, &device)?;
             let reference = io::open_image_set(&reference_set(&a.data), &data_opts)?;
             let rows =
                 &reference.rows()[..s.samples.min(reference.len()) * DataSource::dim(&reference)];

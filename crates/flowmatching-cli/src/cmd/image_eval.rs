@@ -70,6 +70,25 @@ pub(crate) fn stats_of(clf: &Classifier, rows: &[f32], device: &Device) -> Resul
     Ok(GaussianStats::of(&f, FEATURES)?)
 }
 
+/// The evaluation classifier at `path`, checked to take images of `shape`.
+pub(crate) fn load_classifier(
+    path: &Path,
+    shape: [usize; 3],
+    device: &Device,
+) -> Result<Classifier> {
+    let clf = Classifier::load(path, device)?;
+    let c = clf.config();
+    if [c.channels, c.height, c.width] != shape {
+        bail!(
+            "the classifier takes {}x{}x{} images but the images here are {shape:?}",
+            c.channels,
+            c.height,
+            c.width
+        );
+    }
+    Ok(clf)
+}
+
 /// The first `n` rows of a random permutation of `rows`.
 fn subset(rows: &[f32], dim: usize, n: usize, rng: &mut Rng) -> Vec<f32> {
     let total = rows.len() / dim;
@@ -97,16 +116,7 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     if k == 0 && a.guidance.iter().any(|&w| w != 1.0) {
         eprintln!("note: the model is unconditional; evaluating it without guidance");
     }
-    let clf = Classifier::load(&a.classifier, &device)?;
-    let c = clf.config();
-    if [c.channels, c.height, c.width] != shape {
-        bail!(
-            "the classifier takes {}x{}x{} images but the model makes {shape:?}",
-            c.channels,
-            c.height,
-            c.width
-        );
-    }
+    let clf = load_classifier(&a.classifier, shape, &device)?;
     io::ensure_dir(&a.out)?;
     let opts = a.images.options();
     let test = io::open_image_set(&a.test_data, &opts)?;
