@@ -23,6 +23,8 @@ const SELU_ALPHA: f32 = 1.673_263_2;
 
 /// Rows per block in inference: activations of a block stay in cache and allocations small.
 const INFER_ROWS: usize = 4096;
+/// Rows per block when threads run whole blocks each (see [`MlpEngine::predict`]).
+const PAR_ROWS: usize = 1024;
 
 /// Elementwise work below this many values runs on one thread.
 const PAR_MIN: usize = 1 << 15;
@@ -289,6 +291,13 @@ impl MlpEngine {
 
     /// z = h W^T + b for layer `l` into `dst` (B x fan_out).
     fn linear(&self, l: usize, h: &[f32], dst: &mut [f32], batch: usize) {
+        let layer = self.layers[l];
+        let par = self.par(batch * layer.fan_in * layer.fan_out);
+        self.linear_with(l, h, dst, batch, par);
+    }
+
+    /// [`MlpEngine::linear`] with the matrix product's threading chosen by the caller.
+    fn linear_with(&self, l: usize, h: &[f32], dst: &mut [f32], batch: usize, par: Parallelism) {
         let Layer {
             fan_in,
             fan_out,
@@ -299,10 +308,7 @@ impl MlpEngine {
         for row in dst.chunks_exact_mut(fan_out) {
             row.copy_from_slice(bias);
         }
-        let (weights, par) = (
-            &self.params[w..w + fan_in * fan_out],
-            self.par(batch * fan_in * fan_out),
-        );
+        let weights = &self.params[w..w + fan_in * fan_out];
         matmul(
             dst,
             (batch, fan_out, fan_in),
@@ -313,15 +319,18 @@ impl MlpEngine {
         );
     }
 
-    /// dz = u W^T for layer `l` (no bias: the tangent of a linear map), `rows` rows.
-    fn linear_tangent(&self, l: usize, u: &[f32], dst: &mut [f32], rows: usize) {
+    /// dz = u W^T for layer `l` (no bias: the tangent of a linear map), `rows` rows; single-threaded
+    /// when `serial`.
+    fn linear_tangent(&self, l: usize, u: &[f32], dst: &mut [f32], rows: usize, serial: bool) {
         let Layer {
             fan_in, fan_out, w, ..
         } = self.layers[l];
-        let (weights, par) = (
-            &self.params[w..w + fan_in * fan_out],
-            self.par(rows * fan_in * fan_out),
-        );
+        let weights = &self.params[w..w + fan_in * fan_out];
+        let par = if serial {
+            Parallelism::None
+        } else {
+            self.par(rows * fan_in * fan_out)
+        };
         matmul(
             dst,
             (rows, fan_out, fan_in),
@@ -335,11 +344,45 @@ impl MlpEngine {
     /// v(x, t) and the Jacobian-vector products J v(x, t) u_k for tangents `u_k` (each B x dim; time is
     /// held fixed), by forward-mode differentiation: u_0 = [u, 0], dz_l = u_{l-1} W_l^T,
     /// u_l = act'(z_l) * dz_l. All tangents go through each layer in one matrix product.
+    ///
+    /// Blocks of rows run on separate threads like [`MlpEngine::predict`].
     pub fn predict_jvp(
         &self,
         x: &[f32],
         t: &[f32],
         tangents: &[Vec<f32>],
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let d = self.cfg.dim;
+        if self.threads <= 1 || t.len() < 2 * PAR_ROWS {
+            return self.predict_jvp_block(x, t, tangents, false);
+        }
+        let blocks: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..t.len().div_ceil(PAR_ROWS))
+            .into_par_iter()
+            .map(|b| {
+                let rows = b * PAR_ROWS..((b + 1) * PAR_ROWS).min(t.len());
+                let span = rows.start * d..rows.end * d;
+                let tans: Vec<Vec<f32>> =
+                    tangents.iter().map(|u| u[span.clone()].to_vec()).collect();
+                self.predict_jvp_block(&x[span.clone()], &t[rows], &tans, true)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(x.len());
+        let mut jv = vec![Vec::with_capacity(x.len()); tangents.len()];
+        for (o, js) in blocks {
+            out.extend(o);
+            for (acc, j) in jv.iter_mut().zip(js) {
+                acc.extend(j);
+            }
+        }
+        (out, jv)
+    }
+
+    fn predict_jvp_block(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        tangents: &[Vec<f32>],
+        serial: bool,
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
         let batch = t.len();
         let k = tangents.len();
@@ -357,20 +400,25 @@ impl MlpEngine {
         let mut deriv = vec![];
         for (l, layer) in self.layers.iter().enumerate() {
             let mut z = vec![0.0; batch * layer.fan_out];
-            self.linear(l, &h, &mut z, batch);
+            let par = if serial {
+                Parallelism::None
+            } else {
+                self.par(batch * layer.fan_in * layer.fan_out)
+            };
+            self.linear_with(l, &h, &mut z, batch, par);
             let mut dz = vec![0.0; k * batch * layer.fan_out];
-            self.linear_tangent(l, &u, &mut dz, k * batch);
+            self.linear_tangent(l, &u, &mut dz, k * batch, serial);
             if l + 1 < self.layers.len() {
                 deriv.resize(z.len(), 0.0);
+                match (self.cfg.activation, serial) {
+                    (Activation::Silu, true) => silu_chunk(&mut z, &mut deriv),
+                    (Activation::Silu, false) => silu_forward(&mut z, &mut deriv),
+                    (Activation::Selu, true) => selu_chunk(&mut z),
+                    (Activation::Selu, false) => selu_forward(&mut z),
+                }
                 match self.cfg.activation {
-                    Activation::Silu => {
-                        silu_forward(&mut z, &mut deriv);
-                        silu_derivative(&z, &mut deriv);
-                    }
-                    Activation::Selu => {
-                        selu_forward(&mut z);
-                        selu_derivative(&z, &mut deriv);
-                    }
+                    Activation::Silu => silu_derivative(&z, &mut deriv),
+                    Activation::Selu => selu_derivative(&z, &mut deriv),
                 }
                 for chunk in dz.chunks_exact_mut(z.len()) {
                     chunk.iter_mut().zip(&deriv).for_each(|(a, &b)| *a *= b);
@@ -408,30 +456,52 @@ impl MlpEngine {
     }
 
     /// v(x, t) without keeping activations (inference), in blocks of rows so that activations stay small.
+    ///
+    /// With several threads and enough rows, each thread runs whole blocks of [`PAR_ROWS`] rows on its
+    /// own (single-threaded matrix products and activations), so its activations stay in its cache and
+    /// no layer waits for the others; otherwise blocks of [`INFER_ROWS`] rows with threaded products.
     pub fn predict(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
         let d = self.cfg.dim;
+        if self.threads > 1 && t.len() >= 2 * PAR_ROWS {
+            let blocks: Vec<Vec<f32>> = x
+                .par_chunks(PAR_ROWS * d)
+                .zip(t.par_chunks(PAR_ROWS))
+                .map(|(xb, tb)| self.predict_block(xb, tb, true))
+                .collect();
+            return blocks.concat();
+        }
         let mut out = Vec::with_capacity(x.len());
         for (xb, tb) in x.chunks(INFER_ROWS * d).zip(t.chunks(INFER_ROWS)) {
-            out.extend(self.predict_block(xb, tb));
+            out.extend(self.predict_block(xb, tb, false));
         }
         out
     }
 
-    fn predict_block(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
+    fn predict_block(&self, x: &[f32], t: &[f32], serial: bool) -> Vec<f32> {
         let batch = t.len();
         let mut h = vec![0.0; batch * self.layers[0].fan_in];
         self.first_input(x, t, &mut h);
         let mut sig = vec![];
         for (l, layer) in self.layers.iter().enumerate() {
             let mut z = vec![0.0; batch * layer.fan_out];
-            self.linear(l, &h, &mut z, batch);
+            let par = if serial {
+                Parallelism::None
+            } else {
+                self.par(batch * layer.fan_in * layer.fan_out)
+            };
+            self.linear_with(l, &h, &mut z, batch, par);
             if l + 1 < self.layers.len() {
-                match self.cfg.activation {
-                    Activation::Silu => {
+                match (self.cfg.activation, serial) {
+                    (Activation::Silu, _) => {
                         sig.resize(z.len(), 0.0);
-                        silu_forward(&mut z, &mut sig);
+                        if serial {
+                            silu_chunk(&mut z, &mut sig);
+                        } else {
+                            silu_forward(&mut z, &mut sig);
+                        }
                     }
-                    Activation::Selu => selu_forward(&mut z),
+                    (Activation::Selu, true) => selu_chunk(&mut z),
+                    (Activation::Selu, false) => selu_forward(&mut z),
                 }
             }
             h = z;
@@ -905,5 +975,36 @@ mod tests {
                 off += g.len();
             }
         }
+    }
+
+    /// Threads running whole blocks give the same values and tangents as one threaded pass.
+    #[test]
+    fn block_parallel_inference_matches() {
+        let cfg = MlpConfig {
+            dim: 2,
+            hidden: 32,
+            depth: 3,
+            time_embedding: TimeEmbedding::Input,
+            activation: Activation::Silu,
+        };
+        let (_, params) = ModelConfig::Mlp(cfg)
+            .build(&mut Rng::new(4), &Device::Cpu, DType::F32)
+            .unwrap();
+        let mut e = MlpEngine::new(cfg, &params).unwrap();
+        e.threads = 2;
+        let n = 2 * PAR_ROWS + 37;
+        let mut rng = Rng::new(5);
+        let (x, u) = (rng.normal_vec(2 * n), rng.normal_vec(2 * n));
+        let t: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+        let (out, jv) = e.predict_jvp(&x, &t, std::slice::from_ref(&u));
+        let (want, want_jv) = e.predict_jvp_block(&x, &t, std::slice::from_ref(&u), false);
+        let close = |a: &[f32], b: &[f32]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+        };
+        assert!(close(&out, &want) && close(&jv[0], &want_jv[0]));
+        assert!(close(&e.predict(&x, &t), &want));
     }
 }
