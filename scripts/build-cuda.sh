@@ -47,7 +47,11 @@ fi
 cargo build --release -p flowmatching-cli --features "$FEATURES" --target-dir target-cuda
 BIN=target-cuda/release/flowmatching
 if [ "$FEATURES" = cudnn ]; then
-  cp "$BIN" "$BIN-cudnn" && BIN="$BIN-cudnn"
+  cp "$BIN" "$BIN-cudnn"
+  # Put the plain build back under its own name (cargo keeps both variants' artifacts: no recompiling).
+  cargo build --release -p flowmatching-cli --features cuda --target-dir target-cuda
+  strip "$BIN"
+  BIN="$BIN-cudnn"
 fi
 strip "$BIN"
 ls -la "$BIN"
