@@ -70,20 +70,21 @@ fn sizes(preset: Preset, images: bool) -> Sizes {
                 nll_points: 100,
                 error_points: 100,
                 eval_batch: 500,
-                max_adaptive_steps: MAX_STEPS,
+                max_adaptive_steps: 500,
             },
-            // Sized for one lent GPU session (the tiny U-Net steps in ~80 ms on an H100 at batch 128).
+            // Sized for one call on a lent GPU (the tiny U-Net steps in ~80 ms on an H100 at batch 128:
+            // 5 x 600 steps is ~4 minutes of training; not yet run there).
             Preset::Default => Sizes {
                 hidden: 32,
                 batch: 128,
-                steps: 1000,
-                checkpoints: 5,
-                samples: 2000,
-                nfe_samples: 200,
-                nll_points: 200,
-                error_points: 200,
+                steps: 600,
+                checkpoints: 4,
+                samples: 1000,
+                nfe_samples: 100,
+                nll_points: 100,
+                error_points: 100,
                 eval_batch: 1000,
-                max_adaptive_steps: MAX_STEPS,
+                max_adaptive_steps: 500,
             },
         };
     }

@@ -207,8 +207,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     // The variant, in the workload's name: convolution, U-Net preset, cudarc event tracking.
     let conv = format!(
-        "{}{}{}",
+        "{}{}{}{}",
         flowmatching::layers::conv_impl(&dev).name(),
+        if cfg!(feature = "cudnn") && dev.is_cuda() {
+            "-cudnn"
+        } else {
+            ""
+        },
         if a.unet == UNetPreset::Tiny {
             "-tiny"
         } else {
