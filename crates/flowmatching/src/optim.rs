@@ -211,19 +211,6 @@ pub fn clip_flat(g: &mut Tensor, max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// Scales gradients so that their global norm is at most `max_norm` (PyTorch's clip_grad_norm_).
-/// Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
-    let scale = max_norm / (norm + 1e-6);
-    if scale < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
-    }
-    Ok(norm)
-}
-
 /// Linear warm-up: lr k / warmup for the first `warmup` steps (k counted from 1), then lr.
 pub fn warmup_lr(lr: f64, step: u64, warmup: u64) -> f64 {
     if warmup == 0 || step >= warmup {
