@@ -23,8 +23,13 @@ const SELU_ALPHA: f32 = 1.673_263_2;
 
 /// Rows per block in inference: activations of a block stay in cache and allocations small.
 const INFER_ROWS: usize = 4096;
-/// Rows per block when threads run whole blocks each (see [`MlpEngine::predict`]).
+/// Rows per block when threads run whole blocks each (see [`FastMlp::predict_jvp`]).
 const PAR_ROWS: usize = 1024;
+
+thread_local! {
+    /// Per-thread activation buffers of inference blocks (two layer buffers and act'(z)), kept across calls.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
 
 /// Elementwise work below this many values runs on one thread.
 const PAR_MIN: usize = 1 << 15;
@@ -291,13 +296,6 @@ impl MlpEngine {
 
     /// z = h W^T + b for layer `l` into `dst` (B x fan_out).
     fn linear(&self, l: usize, h: &[f32], dst: &mut [f32], batch: usize) {
-        let layer = self.layers[l];
-        let par = self.par(batch * layer.fan_in * layer.fan_out);
-        self.linear_with(l, h, dst, batch, par);
-    }
-
-    /// [`MlpEngine::linear`] with the matrix product's threading chosen by the caller.
-    fn linear_with(&self, l: usize, h: &[f32], dst: &mut [f32], batch: usize, par: Parallelism) {
         let Layer {
             fan_in,
             fan_out,
@@ -315,120 +313,8 @@ impl MlpEngine {
             true,
             View::rows(h, fan_in),
             View::transposed(weights, fan_in),
-            par,
+            self.par(batch * fan_in * fan_out),
         );
-    }
-
-    /// dz = u W^T for layer `l` (no bias: the tangent of a linear map), `rows` rows; single-threaded
-    /// when `serial`.
-    fn linear_tangent(&self, l: usize, u: &[f32], dst: &mut [f32], rows: usize, serial: bool) {
-        let Layer {
-            fan_in, fan_out, w, ..
-        } = self.layers[l];
-        let weights = &self.params[w..w + fan_in * fan_out];
-        let par = if serial {
-            Parallelism::None
-        } else {
-            self.par(rows * fan_in * fan_out)
-        };
-        matmul(
-            dst,
-            (rows, fan_out, fan_in),
-            false,
-            View::rows(u, fan_in),
-            View::transposed(weights, fan_in),
-            par,
-        );
-    }
-
-    /// v(x, t) and the Jacobian-vector products J v(x, t) u_k for tangents `u_k` (each B x dim; time is
-    /// held fixed), by forward-mode differentiation: u_0 = [u, 0], dz_l = u_{l-1} W_l^T,
-    /// u_l = act'(z_l) * dz_l. All tangents go through each layer in one matrix product.
-    ///
-    /// Blocks of rows run on separate threads like [`MlpEngine::predict`].
-    pub fn predict_jvp(
-        &self,
-        x: &[f32],
-        t: &[f32],
-        tangents: &[Vec<f32>],
-    ) -> (Vec<f32>, Vec<Vec<f32>>) {
-        let d = self.cfg.dim;
-        if self.threads <= 1 || t.len() < 2 * PAR_ROWS {
-            return self.predict_jvp_block(x, t, tangents, false);
-        }
-        let blocks: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..t.len().div_ceil(PAR_ROWS))
-            .into_par_iter()
-            .map(|b| {
-                let rows = b * PAR_ROWS..((b + 1) * PAR_ROWS).min(t.len());
-                let span = rows.start * d..rows.end * d;
-                let tans: Vec<Vec<f32>> =
-                    tangents.iter().map(|u| u[span.clone()].to_vec()).collect();
-                self.predict_jvp_block(&x[span.clone()], &t[rows], &tans, true)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(x.len());
-        let mut jv = vec![Vec::with_capacity(x.len()); tangents.len()];
-        for (o, js) in blocks {
-            out.extend(o);
-            for (acc, j) in jv.iter_mut().zip(js) {
-                acc.extend(j);
-            }
-        }
-        (out, jv)
-    }
-
-    fn predict_jvp_block(
-        &self,
-        x: &[f32],
-        t: &[f32],
-        tangents: &[Vec<f32>],
-        serial: bool,
-    ) -> (Vec<f32>, Vec<Vec<f32>>) {
-        let batch = t.len();
-        let k = tangents.len();
-        let d = self.cfg.dim;
-        let fi = self.layers[0].fan_in;
-        let mut h = vec![0.0; batch * fi];
-        self.first_input(x, t, &mut h);
-        let mut u = vec![0.0; k * batch * fi];
-        for (j, tan) in tangents.iter().enumerate() {
-            for i in 0..batch {
-                let row = (j * batch + i) * fi;
-                u[row..row + d].copy_from_slice(&tan[i * d..(i + 1) * d]);
-            }
-        }
-        let mut deriv = vec![];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut z = vec![0.0; batch * layer.fan_out];
-            let par = if serial {
-                Parallelism::None
-            } else {
-                self.par(batch * layer.fan_in * layer.fan_out)
-            };
-            self.linear_with(l, &h, &mut z, batch, par);
-            let mut dz = vec![0.0; k * batch * layer.fan_out];
-            self.linear_tangent(l, &u, &mut dz, k * batch, serial);
-            if l + 1 < self.layers.len() {
-                deriv.resize(z.len(), 0.0);
-                match (self.cfg.activation, serial) {
-                    (Activation::Silu, true) => silu_chunk(&mut z, &mut deriv),
-                    (Activation::Silu, false) => silu_forward(&mut z, &mut deriv),
-                    (Activation::Selu, true) => selu_chunk(&mut z),
-                    (Activation::Selu, false) => selu_forward(&mut z),
-                }
-                match self.cfg.activation {
-                    Activation::Silu => silu_derivative(&z, &mut deriv),
-                    Activation::Selu => selu_derivative(&z, &mut deriv),
-                }
-                for chunk in dz.chunks_exact_mut(z.len()) {
-                    chunk.iter_mut().zip(&deriv).for_each(|(a, &b)| *a *= b);
-                }
-            }
-            h = z;
-            u = dz;
-        }
-        let jv = u.chunks_exact(batch * d).map(<[f32]>::to_vec).collect();
-        (h, jv)
     }
 
     /// Forward pass for training: keeps what the backward pass needs. Returns the output (B x dim).
@@ -453,60 +339,6 @@ impl MlpEngine {
         self.sig = sig;
         self.out = out;
         &self.out
-    }
-
-    /// v(x, t) without keeping activations (inference), in blocks of rows so that activations stay small.
-    ///
-    /// With several threads and enough rows, each thread runs whole blocks of [`PAR_ROWS`] rows on its
-    /// own (single-threaded matrix products and activations), so its activations stay in its cache and
-    /// no layer waits for the others; otherwise blocks of [`INFER_ROWS`] rows with threaded products.
-    pub fn predict(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
-        let d = self.cfg.dim;
-        if self.threads > 1 && t.len() >= 2 * PAR_ROWS {
-            let blocks: Vec<Vec<f32>> = x
-                .par_chunks(PAR_ROWS * d)
-                .zip(t.par_chunks(PAR_ROWS))
-                .map(|(xb, tb)| self.predict_block(xb, tb, true))
-                .collect();
-            return blocks.concat();
-        }
-        let mut out = Vec::with_capacity(x.len());
-        for (xb, tb) in x.chunks(INFER_ROWS * d).zip(t.chunks(INFER_ROWS)) {
-            out.extend(self.predict_block(xb, tb, false));
-        }
-        out
-    }
-
-    fn predict_block(&self, x: &[f32], t: &[f32], serial: bool) -> Vec<f32> {
-        let batch = t.len();
-        let mut h = vec![0.0; batch * self.layers[0].fan_in];
-        self.first_input(x, t, &mut h);
-        let mut sig = vec![];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut z = vec![0.0; batch * layer.fan_out];
-            let par = if serial {
-                Parallelism::None
-            } else {
-                self.par(batch * layer.fan_in * layer.fan_out)
-            };
-            self.linear_with(l, &h, &mut z, batch, par);
-            if l + 1 < self.layers.len() {
-                match (self.cfg.activation, serial) {
-                    (Activation::Silu, _) => {
-                        sig.resize(z.len(), 0.0);
-                        if serial {
-                            silu_chunk(&mut z, &mut sig);
-                        } else {
-                            silu_forward(&mut z, &mut sig);
-                        }
-                    }
-                    (Activation::Selu, true) => selu_chunk(&mut z),
-                    (Activation::Selu, false) => selu_forward(&mut z),
-                }
-            }
-            h = z;
-        }
-        h
     }
 
     /// Mean squared error of the last forward's output against `target`, each row weighted by `weights`
@@ -608,6 +440,9 @@ impl MlpEngine {
 #[derive(Debug, Clone)]
 pub struct FastMlp {
     engine: MlpEngine,
+    /// W_l^T of every layer (fan_in x fan_out, row-major) at the weight's offset in the flat vector: the
+    /// layout the matrix kernel reads without repacking the weights on every call.
+    weights_t: Vec<f32>,
 }
 
 impl FastMlp {
@@ -615,7 +450,148 @@ impl FastMlp {
     pub fn from_tensors(cfg: MlpConfig, tensors: &[Tensor]) -> crate::Result<Self> {
         let mut engine = MlpEngine::empty(cfg);
         engine.load_tensors(tensors.iter().map(|t| ("mlp parameter", t)))?;
-        Ok(Self { engine })
+        Ok(Self::freeze(engine))
+    }
+
+    /// Freezes the engine's current parameters for inference.
+    pub fn freeze(engine: MlpEngine) -> Self {
+        let mut weights_t = vec![0.0; engine.params.len()];
+        for l in &engine.layers {
+            let w = &engine.params[l.w..l.w + l.fan_in * l.fan_out];
+            let wt = &mut weights_t[l.w..l.w + l.fan_in * l.fan_out];
+            for (o, row) in w.chunks_exact(l.fan_in).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    wt[i * l.fan_out + o] = v;
+                }
+            }
+        }
+        Self { engine, weights_t }
+    }
+
+    /// v(x, t) without keeping activations (inference): [`FastMlp::predict_jvp`] with no tangents.
+    pub fn predict(&self, x: &[f32], t: &[f32]) -> Vec<f32> {
+        self.predict_jvp(x, t, &[]).0
+    }
+
+    /// v(x, t) and the Jacobian-vector products J v(x, t) u_k for tangents `u_k` (each B x dim; time is
+    /// held fixed), by forward-mode differentiation: u_0 = [u, 0], dz_l = u_{l-1} W_l^T,
+    /// u_l = act'(z_l) * dz_l.
+    ///
+    /// Rows go in blocks so that activations stay small. With several threads and enough rows, each
+    /// thread runs whole blocks of [`PAR_ROWS`] rows on its own (single-threaded matrix products and
+    /// activations), so its activations stay in its cache and no layer waits for the others; otherwise
+    /// blocks of [`INFER_ROWS`] rows run one after another with threaded products.
+    pub fn predict_jvp(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        tangents: &[Vec<f32>],
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let d = self.engine.cfg.dim;
+        let parallel = self.engine.threads > 1 && t.len() >= 2 * PAR_ROWS;
+        let rows = if parallel { PAR_ROWS } else { INFER_ROWS };
+        let block = |b: usize| {
+            let r = b * rows..((b + 1) * rows).min(t.len());
+            let span = r.start * d..r.end * d;
+            let tans: Vec<&[f32]> = tangents.iter().map(|u| &u[span.clone()]).collect();
+            self.predict_jvp_block(&x[span], &t[r], &tans, parallel)
+        };
+        let n = t.len().div_ceil(rows);
+        let blocks: Vec<(Vec<f32>, Vec<Vec<f32>>)> = if parallel {
+            (0..n).into_par_iter().map(block).collect()
+        } else {
+            (0..n).map(block).collect()
+        };
+        let mut out = Vec::with_capacity(x.len());
+        let mut jv = vec![Vec::with_capacity(x.len()); tangents.len()];
+        for (o, js) in blocks {
+            out.extend(o);
+            for (acc, j) in jv.iter_mut().zip(js) {
+                acc.extend(j);
+            }
+        }
+        (out, jv)
+    }
+
+    /// One block of rows: v(x, t) and the tangents' JVPs (none for plain inference).
+    ///
+    /// The primal rows and the k tangents' rows are stacked into one ((1 + k) B x fan_in) matrix, so each
+    /// layer is one matrix product: z = [h; u_1; ...; u_k] W^T. One pass per row then adds the bias,
+    /// applies the activation and scales the tangents' rows by act'(z). Buffers come from a per-thread
+    /// scratch kept across calls, so nothing is zeroed or freshly paged in.
+    fn predict_jvp_block(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        tangents: &[&[f32]],
+        serial: bool,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let batch = t.len();
+        let k = tangents.len();
+        let d = self.engine.cfg.dim;
+        let fi = self.engine.layers[0].fan_in;
+        let stacked = (1 + k) * batch;
+        let widest = self
+            .engine
+            .layers
+            .iter()
+            .map(|l| l.fan_in.max(l.fan_out))
+            .max()
+            .unwrap_or(0);
+        // Taken out of the thread-local (not borrowed), so a nested call on this thread gets its own.
+        let [mut cur, mut next, mut deriv] = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        for buf in [&mut cur, &mut next] {
+            if buf.len() < stacked * widest {
+                buf.resize(stacked * widest, 0.0);
+            }
+        }
+        if deriv.len() < widest {
+            deriv.resize(widest, 0.0);
+        }
+        self.engine.first_input(x, t, &mut cur[..batch * fi]);
+        for (j, tan) in tangents.iter().enumerate() {
+            let rows = cur[(1 + j) * batch * fi..(2 + j) * batch * fi].chunks_exact_mut(fi);
+            for (row, u) in rows.zip(tan.chunks_exact(d)) {
+                row[..d].copy_from_slice(u);
+                row[d..].fill(0.0);
+            }
+        }
+        for (l, layer) in self.engine.layers.iter().enumerate() {
+            let (fan_in, fan_out) = (layer.fan_in, layer.fan_out);
+            let par = if serial {
+                Parallelism::None
+            } else {
+                self.engine.par(stacked * fan_in * fan_out)
+            };
+            let z = &mut next[..stacked * fan_out];
+            matmul(
+                z,
+                (stacked, fan_out, fan_in),
+                false,
+                View::rows(&cur[..stacked * fan_in], fan_in),
+                View::rows(
+                    &self.weights_t[layer.w..layer.w + fan_in * fan_out],
+                    fan_out,
+                ),
+                par,
+            );
+            let bias = &self.engine.params[layer.b..layer.b + fan_out];
+            let (primal, tans) = z.split_at_mut(batch * fan_out);
+            if l + 1 == self.engine.layers.len() {
+                add_bias(primal, bias);
+            } else {
+                let act = self.engine.cfg.activation;
+                act_jvp_rows(act, primal, tans, bias, &mut deriv[..fan_out]);
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+        let out = cur[..batch * d].to_vec();
+        let jv = cur[batch * d..stacked * d]
+            .chunks_exact(batch * d)
+            .map(<[f32]>::to_vec)
+            .collect();
+        SCRATCH.with(|s| *s.borrow_mut() = [cur, next, deriv]);
+        (out, jv)
     }
 
     fn host(x: &Tensor) -> crate::Result<Vec<f32>> {
@@ -625,7 +601,7 @@ impl FastMlp {
 
 impl VelocityField for FastMlp {
     fn forward(&self, x: &Tensor, t: &Tensor) -> crate::Result<Tensor> {
-        let out = self.engine.predict(&Self::host(x)?, &Self::host(t)?);
+        let out = self.predict(&Self::host(x)?, &Self::host(t)?);
         Ok(Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 
@@ -639,9 +615,7 @@ impl VelocityField for FastMlp {
             .iter()
             .map(Self::host)
             .collect::<crate::Result<Vec<_>>>()?;
-        let (out, jv) = self
-            .engine
-            .predict_jvp(&Self::host(x)?, &Self::host(t)?, &u);
+        let (out, jv) = self.predict_jvp(&Self::host(x)?, &Self::host(t)?, &u);
         let back = |v: Vec<f32>| -> crate::Result<Tensor> {
             Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
         };
@@ -806,20 +780,45 @@ multiversion! {
     }
 }
 
-/// s <- silu'(z) = s + h (1 - s), from h = silu(z) and s = sigmoid(z).
-fn silu_derivative(h: &[f32], s: &mut [f32]) {
-    s.iter_mut().zip(h).for_each(|(s, &h)| *s += h * (1.0 - *s));
+multiversion! {
+    /// Bias, activation and forward-mode tangents of one hidden layer, row by row: z_r <- act(z_r + b)
+    /// for each primal row r, and row r of every tangent (tangent j is `tans[j * z.len()..]`, laid out
+    /// like z) scaled by act'(z_r + b), kept for the row in `d` (fan_out values, so it stays in L1).
+    fn act_jvp_rows(act: Activation, z: &mut [f32], tans: &mut [f32], bias: &[f32], d: &mut [f32]) {
+        let n = bias.len();
+        let stride = z.len();
+        for (r, zr) in z.chunks_exact_mut(n).enumerate() {
+            let cells = zr.iter_mut().zip(d.iter_mut()).zip(bias);
+            match act {
+                Activation::Silu => cells.for_each(|((zi, di), &b)| {
+                    let x = *zi + b;
+                    let s = 1.0 / (1.0 + exp_f32(-x));
+                    let h = x * s;
+                    *zi = h;
+                    *di = s + h * (1.0 - s);
+                }),
+                Activation::Selu => cells.for_each(|((zi, di), &b)| {
+                    let x = *zi + b;
+                    let e = exp_f32(x.min(0.0));
+                    *zi = if x > 0.0 { SELU_LAMBDA * x } else { SELU_LAMBDA * SELU_ALPHA * (e - 1.0) };
+                    *di = if x > 0.0 { SELU_LAMBDA } else { SELU_LAMBDA * SELU_ALPHA * e };
+                }),
+            }
+            for tan in tans.chunks_exact_mut(stride) {
+                let tr = &mut tan[r * n..(r + 1) * n];
+                tr.iter_mut().zip(&*d).for_each(|(u, &g)| *u *= g);
+            }
+        }
+    }
 }
 
-/// d <- selu'(z) from h = selu(z).
-fn selu_derivative(h: &[f32], d: &mut [f32]) {
-    d.iter_mut().zip(h).for_each(|(d, &h)| {
-        *d = if h > 0.0 {
-            SELU_LAMBDA
-        } else {
-            h + SELU_LAMBDA * SELU_ALPHA
+multiversion! {
+    /// Per row: z <- z + b.
+    fn add_bias(z: &mut [f32], bias: &[f32]) {
+        for zr in z.chunks_exact_mut(bias.len()) {
+            zr.iter_mut().zip(bias).for_each(|(zi, &b)| *zi += b);
         }
-    });
+    }
 }
 
 const CHUNK: usize = 1 << 13;
@@ -885,7 +884,7 @@ mod tests {
             let (_, params) = ModelConfig::Mlp(cfg)
                 .build(&mut Rng::new(2), &Device::Cpu, DType::F32)
                 .unwrap();
-            let e = MlpEngine::new(cfg, &params).unwrap();
+            let e = FastMlp::freeze(MlpEngine::new(cfg, &params).unwrap());
             let mut rng = Rng::new(3);
             let (x, u) = (rng.normal_vec(10), rng.normal_vec(10));
             let t = vec![0.3f32; 5];
@@ -955,7 +954,13 @@ mod tests {
                 assert!((a - r).abs() < 1e-5, "{act:?}: output {a} vs {r}");
             }
             assert!((fast_loss - loss.to_scalar::<f32>().unwrap() as f64).abs() < 1e-5);
-            assert_eq!(e.predict(&x, &t), fast_out);
+            let frozen = FastMlp::freeze(e.clone()).predict(&x, &t);
+            for (a, r) in frozen.iter().zip(&fast_out) {
+                assert!(
+                    (a - r).abs() < 1e-5,
+                    "{act:?}: inference {a} vs training {r}"
+                );
+            }
             let mut off = 0;
             for (name, var) in params.iter() {
                 let g: Vec<f32> = grads
@@ -990,14 +995,15 @@ mod tests {
         let (_, params) = ModelConfig::Mlp(cfg)
             .build(&mut Rng::new(4), &Device::Cpu, DType::F32)
             .unwrap();
-        let mut e = MlpEngine::new(cfg, &params).unwrap();
-        e.threads = 2;
+        let mut engine = MlpEngine::new(cfg, &params).unwrap();
+        engine.threads = 2;
+        let e = FastMlp::freeze(engine);
         let n = 2 * PAR_ROWS + 37;
         let mut rng = Rng::new(5);
         let (x, u) = (rng.normal_vec(2 * n), rng.normal_vec(2 * n));
         let t: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
         let (out, jv) = e.predict_jvp(&x, &t, std::slice::from_ref(&u));
-        let (want, want_jv) = e.predict_jvp_block(&x, &t, std::slice::from_ref(&u), false);
+        let (want, want_jv) = e.predict_jvp_block(&x, &t, &[&u], false);
         let close = |a: &[f32], b: &[f32]| {
             a.len() == b.len()
                 && a.iter()
