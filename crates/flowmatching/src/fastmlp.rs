@@ -15,6 +15,7 @@ use candle_core::{DType, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::linalg::{matmul, View};
 use crate::model::{Activation, MlpConfig, Params, TimeEmbedding, VelocityField};
 use crate::optim::AdamWConfig;
 
@@ -33,80 +34,6 @@ thread_local! {
 
 /// Elementwise work below this many values runs on one thread.
 const PAR_MIN: usize = 1 << 15;
-
-/// A read-only matrix view over a row-major buffer: the matrix itself or its transpose.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    /// Strides of one column step and one row step of the viewed matrix.
-    cs: isize,
-    rs: isize,
-}
-
-impl<'a> View<'a> {
-    /// The row-major matrix with `cols` columns stored in `data`.
-    fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            cs: 1,
-            rs: cols as isize,
-        }
-    }
-
-    /// The transpose of that matrix.
-    fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            cs: cols as isize,
-            rs: 1,
-        }
-    }
-
-    /// Highest index touched by an (m x n) view.
-    fn extent(&self, m: usize, n: usize) -> usize {
-        (m.max(1) - 1) * self.rs as usize + (n.max(1) - 1) * self.cs as usize + 1
-    }
-}
-
-/// dst (m x n, row-major) = lhs (m x k) rhs (k x n), added to dst's current values if `accumulate`.
-fn matmul(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: View,
-    rhs: View,
-    par: Parallelism,
-) {
-    assert!(
-        dst.len() >= m * n
-            && lhs.data.len() >= lhs.extent(m, k)
-            && rhs.data.len() >= rhs.extent(k, n)
-    );
-    // SAFETY: the assertion above keeps every access of the three strided views inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Layer {

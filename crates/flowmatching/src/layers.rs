@@ -47,43 +47,64 @@ impl Weights {
     /// A k x k convolution (k odd) with "same" padding and stride 1 or 2, plus bias, on (N, C, H, W).
     ///
     /// Three ways to compute it, picked by [`conv_impl`]:
-    /// - [`ConvImpl::Im2col`] (CPU default): one matrix product over the k^2 shifted windows of the
-    ///   zero-padded input in channels-last layout (an (N H' W', k^2 C) matrix times the kernel reshaped
-    ///   to (k^2 C, C_out)); forward and backward are then matrix products and copies.
+    /// - [`ConvImpl::Im2col`] (CPU default): [`crate::cpuconv::conv2d`], one candle op with its own
+    ///   backward that builds each image's column matrix and runs one matrix product per image and
+    ///   direction (f32 and f64 on the CPU; elsewhere this choice falls back to `GemmBackward`).
     /// - [`ConvImpl::Candle`]: candle's conv2d and candle's backward, whose input gradient is a direct
     ///   (naive) transposed convolution.
     /// - [`ConvImpl::GemmBackward`] (CUDA default): candle's conv2d forward with a backward made of
     ///   forward convolutions only (see [`conv2d_gemm_backward`]), which candle runs as im2col + cuBLAS.
     ///
-    /// Measured on the B5 U-Net step (`bench b5-step`): CPU im2col 2.1 s vs candle 2.5 s at batch 8;
-    /// H200 im2col 349 ms vs candle 285 ms at batch 128.
+    /// Measured on the B5 U-Net step (`bench b5-step`): H200 candle 285 ms at batch 128 against 349 ms
+    /// for an im2col built from candle ops; the CPU numbers are in the README.
     pub fn conv(&self, name: &str, x: &Tensor, stride: usize) -> Result<Tensor> {
         let w = self.get(&format!("{name}.weight"))?;
         let b = self.get(&format!("{name}.bias"))?;
         let y = match conv_impl(x.device()) {
-            ConvImpl::Im2col => return conv2d_im2col(x, w, b, stride),
+            ConvImpl::Im2col if crate::cpuconv::supports(x) => {
+                return crate::cpuconv::conv2d(x, w, b, stride);
+            }
             ConvImpl::Candle => x.conv2d(w, w.dim(2)? / 2, stride, 1, 1)?,
-            ConvImpl::GemmBackward => conv2d_gemm_backward(x, w, stride)?,
+            ConvImpl::Im2col | ConvImpl::GemmBackward => conv2d_gemm_backward(x, w, stride)?,
         };
         Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
     }
 
     /// GroupNorm (eps 1e-5): each group of channels normalised over (its channels, H, W), then a
-    /// per-channel affine map.
+    /// per-channel affine map. On the CPU one fused op ([`crate::cpunorm`]); elsewhere [`group_norm_ops`].
     pub fn group_norm(&self, name: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let xg = x.reshape((n, groups, (c / groups) * h * w))?;
-        let mean = xg.mean_keepdim(2)?;
-        let centred = xg.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        let weight = self.get(&format!("{name}.weight"))?.reshape((1, c, 1, 1))?;
-        let bias = self.get(&format!("{name}.bias"))?.reshape((1, c, 1, 1))?;
-        Ok(normed
-            .reshape((n, c, h, w))?
-            .broadcast_mul(&weight)?
-            .broadcast_add(&bias)?)
+        self.norm(name, x, groups, false)
     }
+
+    /// SiLU(GroupNorm(x)), fused on the CPU.
+    pub fn group_norm_silu(&self, name: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
+        self.norm(name, x, groups, true)
+    }
+
+    fn norm(&self, name: &str, x: &Tensor, groups: usize, silu: bool) -> Result<Tensor> {
+        let weight = self.get(&format!("{name}.weight"))?;
+        let bias = self.get(&format!("{name}.bias"))?;
+        if crate::cpunorm::supports(x) {
+            return crate::cpunorm::group_norm(x, weight, bias, groups, silu);
+        }
+        let y = group_norm_ops(x, weight, bias, groups)?;
+        Ok(if silu { y.silu()? } else { y })
+    }
+}
+
+/// GroupNorm (eps 1e-5) of x (N, C, H, W) with per-channel weight and bias (C), written with candle ops:
+/// what runs on a GPU, and the reference the CPU op is tested against.
+pub fn group_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let xg = x.reshape((n, groups, (c / groups) * h * w))?;
+    let mean = xg.mean_keepdim(2)?;
+    let centred = xg.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?;
+    let normed = centred.broadcast_div(&(var + crate::cpunorm::EPS)?.sqrt()?)?;
+    Ok(normed
+        .reshape((n, c, h, w))?
+        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?)
 }
 
 /// Registers the parameters in a fixed order while building.
@@ -280,7 +301,7 @@ impl candle_core::CustomOp3 for ConvGrad {
 
 /// The convolutions supported here: an odd square kernel matching the input's channels, stride 1 or 2
 /// (even sizes for 2).
-fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
+pub(crate) fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
     let (_, c, h, wd) = x.dims4()?;
     let (_, ci, k, k2) = w.dims4()?;
     if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
@@ -298,76 +319,10 @@ fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
     Ok(())
 }
 
-/// See [`Weights::conv`].
-pub fn conv2d_im2col(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
-    check_conv(x, w, stride)?;
-    let (n, c, h, wd) = x.dims4()?;
-    let (co, _, k, _) = w.dims4()?;
-    let p = k / 2;
-    let (ho, wo) = (h / stride, wd / stride);
-    let xl = x
-        .pad_with_zeros(2, p, p)?
-        .pad_with_zeros(3, p, p)?
-        .permute((0, 2, 3, 1))?;
-    // The window starting at (dy, dx), sampled every `stride` pixels: (N, Ho, Wo, C).
-    let window = |dy: usize, dx: usize| -> Result<Tensor> {
-        let v = xl.narrow(1, dy, h)?.narrow(2, dx, wd)?;
-        if stride == 1 {
-            return Ok(v);
-        }
-        Ok(v.reshape((n, ho, 2, wo, 2, c))?
-            .narrow(2, 0, 1)?
-            .narrow(4, 0, 1)?
-            .reshape((n, ho, wo, c))?)
-    };
-    let cols = if k == 1 {
-        window(0, 0)?.contiguous()?
-    } else {
-        let mut parts = Vec::with_capacity(k * k);
-        for dy in 0..k {
-            for dx in 0..k {
-                parts.push(window(dy, dx)?.contiguous()?);
-            }
-        }
-        Tensor::cat(&parts, 3)?
-    };
-    let wm = w.permute((0, 2, 3, 1))?.reshape((co, k * k * c))?;
-    let y = cols
-        .reshape((n * ho * wo, k * k * c))?
-        .matmul(&wm.t()?)?
-        .broadcast_add(b)?;
-    Ok(y.reshape((n, ho, wo, co))?.permute((0, 3, 1, 2))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
-
-    /// The im2col convolution equals candle's direct conv2d (padding k/2) for 1x1 and 3x3 kernels,
-    /// strides 1 and 2.
-    #[test]
-    fn im2col_conv_matches_candle_conv2d() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f64, 1.0, (2, 3, 6, 4), &dev).unwrap();
-        for (k, stride) in [(3, 1), (3, 2), (1, 1)] {
-            let w = Tensor::randn(0f64, 1.0, (5, 3, k, k), &dev).unwrap();
-            let b = Tensor::randn(0f64, 1.0, 5, &dev).unwrap();
-            let ours = conv2d_im2col(&x, &w, &b, stride).unwrap();
-            let want = x
-                .conv2d(&w, k / 2, stride, 1, 1)
-                .unwrap()
-                .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(ours.dims(), want.dims());
-            let d = crate::testing::max_abs_diff(&ours, &want);
-            assert!(d < 1e-12, "k {k} stride {stride}: {d}");
-        }
-        let odd = Tensor::zeros((1, 3, 5, 5), DType::F64, &dev).unwrap();
-        let w = Tensor::zeros((5, 3, 3, 3), DType::F64, &dev).unwrap();
-        let b = Tensor::zeros(5, DType::F64, &dev).unwrap();
-        assert!(conv2d_im2col(&odd, &w, &b, 2).is_err());
-    }
+    use candle_core::Device;
 
     /// The forward-convolution backward gives candle's gradients for 1x1 and 3x3 kernels, strides 1
     /// and 2, non-square inputs, and a loss that weights every output differently.

@@ -27,6 +27,8 @@
 pub mod checkpoint;
 pub mod classifier;
 pub mod coupling;
+pub mod cpuconv;
+pub mod cpunorm;
 pub mod data;
 pub mod device;
 pub mod empirical;
@@ -36,6 +38,7 @@ pub mod frechet;
 pub mod guidance;
 pub mod layers;
 pub mod likelihood;
+mod linalg;
 pub mod metrics;
 pub mod model;
 pub mod objective;

@@ -323,12 +323,16 @@ impl UNet {
         self.w.group_norm(name, x, self.config.groups)
     }
 
+    fn norm_silu(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        self.w.group_norm_silu(name, x, self.config.groups)
+    }
+
     fn res_block(&self, name: &str, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.norm(&format!("{name}.norm1"), x)?.silu()?;
+        let h = self.norm_silu(&format!("{name}.norm1"), x)?;
         let h = self.conv(&format!("{name}.conv1"), &h, 1)?;
         let e = self.linear(&format!("{name}.emb"), &emb.silu()?)?;
         let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.norm(&format!("{name}.norm2"), &h)?.silu()?;
+        let h = self.norm_silu(&format!("{name}.norm2"), &h)?;
         let h = self.conv(&format!("{name}.conv2"), &h, 1)?;
         let skip = if self.w.contains(&format!("{name}.skip.weight")) {
             self.conv(&format!("{name}.skip"), x, 1)?
@@ -420,7 +424,7 @@ impl UNet {
                 Block::Up { name, .. } => self.conv(&name, &upsample2x(&h)?, 1)?,
             };
         }
-        let h = self.norm("out.norm", &h)?.silu()?;
+        let h = self.norm_silu("out.norm", &h)?;
         Ok(self.conv("out.conv", &h, 1)?.reshape(shape)?)
     }
 }

@@ -97,7 +97,7 @@ fn fake_images(n: usize) -> Result<TensorDataset> {
 
 /// Per-piece timings of the U-Net at B5 shapes (batch --batch).
 fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
-    use flowmatching::layers::{conv2d_gemm_backward, conv2d_im2col};
+    use flowmatching::layers::conv2d_gemm_backward;
     let b = a.batch;
     let report = |name: String, times: Vec<f64>| -> Result<()> {
         let t = Timing {
@@ -128,7 +128,9 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
         ] {
             let (times, _) = time(a.warmup, a.iters, || {
                 let y = match imp {
-                    "im2col" => conv2d_im2col(x.as_tensor(), w.as_tensor(), &bias, 1)?,
+                    "im2col" => {
+                        flowmatching::cpuconv::conv2d(x.as_tensor(), w.as_tensor(), &bias, 1)?
+                    }
                     "gemm-backward" => conv2d_gemm_backward(x.as_tensor(), w.as_tensor(), 1)?,
                     _ => x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?,
                 };

@@ -1,0 +1,405 @@
+//! The U-Net's convolution on the CPU as one candle op with its own backward: im2col per image and one
+//! matrix product per image and direction, on host buffers.
+//!
+//! For image n with input x_n (C x H x W), kernel W (C_out x C k^2), padding p = k/2 and stride s, the
+//! column matrix col_n (C k^2 x H' W') holds col_n[(c, dy, dx), (i, j)] = x_n[c, s i + dy - p, s j + dx - p]
+//! (zero outside the image). Then
+//! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW),
+//! - backward: dW = sum_n g_n col_n^T, db = sum_n sum_(i,j) g_n, dx_n = col2im(W^T g_n),
+//!
+//! where col2im adds each column entry back onto the pixel it was read from. Built from candle ops the same
+//! convolution took a padded copy, nine window copies, a concatenation and two layout changes forward, and
+//! as many backward; here each image's column matrix (C k^2 x H' W', a few MB at most) is built once forward
+//! and once backward and stays in cache. Images run in parallel on rayon's threads.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::linalg::{host, matmul, slice, View};
+
+/// Whether [`conv2d`] takes `x`: f32 or f64 on the CPU.
+pub fn supports(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// y = conv(x, w) + b with padding k/2 and stride `stride` (1, or 2 on even sizes) for an odd square
+/// kernel w (C_out x C x k x k), on f32 or f64 tensors on the CPU.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+    if !supports(x) {
+        return Err(Error::Config(format!(
+            "the CPU convolution takes f32 or f64 tensors on the CPU, got {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        )));
+    }
+    crate::layers::check_conv(x, w, stride)?;
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride })?)
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    k: usize,
+    stride: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    /// From shapes that passed [`crate::layers::check_conv`].
+    fn new(x: &Shape, w: &Shape, stride: usize) -> candle_core::Result<Self> {
+        let (n, c, h, wd) = x.dims4()?;
+        let (co, _, k, _) = w.dims4()?;
+        Ok(Self {
+            n,
+            c,
+            h,
+            w: wd,
+            co,
+            k,
+            stride,
+            ho: h / stride,
+            wo: wd / stride,
+        })
+    }
+
+    /// Rows (C k^2) and columns (H' W') of one image's column matrix.
+    fn col_dims(&self) -> (usize, usize) {
+        (self.c * self.k * self.k, self.ho * self.wo)
+    }
+
+    /// For output index i and kernel offset d: the input index s i + d - p read, if inside [0, size).
+    fn source(&self, out: usize, offset: usize, size: usize) -> Option<usize> {
+        let i = (out * self.stride + offset).checked_sub(self.k / 2)?;
+        (i < size).then_some(i)
+    }
+
+    /// The output columns j whose input column s j + dx - p lies inside the image, and the first one's
+    /// input column.
+    fn valid_columns(&self, dx: usize) -> (std::ops::Range<usize>, usize) {
+        let p = self.k / 2;
+        // s j + dx - p >= 0  <=>  j >= (p - dx) / s, rounded up;
+        // s j + dx - p <= w - 1  <=>  j <= (w - 1 + p - dx) / s, rounded down.
+        let Some(room) = (self.w - 1 + p).checked_sub(dx) else {
+            return (0..0, 0);
+        };
+        let last = (room / self.stride + 1).min(self.wo);
+        let first = p.saturating_sub(dx).div_ceil(self.stride);
+        if first >= last {
+            return (0..0, 0);
+        }
+        (first..last, first * self.stride + dx - p)
+    }
+
+    /// col (C k^2 x H' W') from one image (C x H x W).
+    fn im2col<T: WithDType>(&self, img: &[T], col: &mut [T]) {
+        let (rows, cols) = self.col_dims();
+        let s = self.stride;
+        for r in 0..rows {
+            let (ch, dy, dx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
+            let plane = &img[ch * self.h * self.w..(ch + 1) * self.h * self.w];
+            let (js, x0) = self.valid_columns(dx);
+            let row = &mut col[r * cols..(r + 1) * cols];
+            for (i, out) in row.chunks_exact_mut(self.wo).enumerate() {
+                let Some(y) = self.source(i, dy, self.h) else {
+                    out.fill(T::zero());
+                    continue;
+                };
+                let line = &plane[y * self.w + x0..(y + 1) * self.w];
+                out[..js.start].fill(T::zero());
+                out[js.end..].fill(T::zero());
+                let inner = &mut out[js.clone()];
+                if s == 1 {
+                    inner.copy_from_slice(&line[..inner.len()]);
+                } else {
+                    inner
+                        .iter_mut()
+                        .zip(line.iter().step_by(s))
+                        .for_each(|(o, &v)| *o = v);
+                }
+            }
+        }
+    }
+
+    /// img (C x H x W) += col2im(col): each column entry added back onto the pixel it came from.
+    fn col2im<T: WithDType>(&self, col: &[T], img: &mut [T]) {
+        let (rows, cols) = self.col_dims();
+        let s = self.stride;
+        for r in 0..rows {
+            let (ch, dy, dx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
+            let plane = &mut img[ch * self.h * self.w..(ch + 1) * self.h * self.w];
+            let (js, x0) = self.valid_columns(dx);
+            let row = &col[r * cols..(r + 1) * cols];
+            for (i, src) in row.chunks_exact(self.wo).enumerate() {
+                let Some(y) = self.source(i, dy, self.h) else {
+                    continue;
+                };
+                let line = &mut plane[y * self.w + x0..(y + 1) * self.w];
+                let inner = &src[js.clone()];
+                line.iter_mut()
+                    .step_by(s)
+                    .zip(inner)
+                    .for_each(|(o, &v)| *o += v);
+            }
+        }
+    }
+
+    /// Images in parallel when there are enough of them, else one at a time with threaded products.
+    fn parallelism(&self) -> (bool, Parallelism) {
+        let threads = rayon::current_num_threads();
+        if self.n >= threads {
+            (true, Parallelism::None)
+        } else {
+            (false, Parallelism::Rayon(threads))
+        }
+    }
+
+    fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let (rows, cols) = self.col_dims();
+        let (by_image, par) = self.parallelism();
+        let mut y = vec![T::zero(); self.n * self.co * cols];
+        let image = |(n, yn): (usize, &mut [T])| {
+            T::with_col(rows * cols, |col| {
+                self.im2col(
+                    &x[n * self.c * self.h * self.w..][..self.c * self.h * self.w],
+                    col,
+                );
+                for (row, &bias) in yn.chunks_exact_mut(cols).zip(b) {
+                    row.fill(bias);
+                }
+                let (wv, cv) = (View::rows(w, rows), View::rows(col, cols));
+                matmul(yn, (self.co, cols, rows), true, wv, cv, par);
+            });
+        };
+        let per = self.co * cols;
+        if by_image {
+            y.par_chunks_exact_mut(per).enumerate().for_each(image);
+        } else {
+            y.chunks_exact_mut(per).enumerate().for_each(image);
+        }
+        y
+    }
+
+    /// (dx, dw, db) from the output gradient g (N x C_out x H' x W').
+    fn backward<T: ColScratch>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (rows, cols) = self.col_dims();
+        let (by_image, par) = self.parallelism();
+        let img = self.c * self.h * self.w;
+        let mut dx = vec![T::zero(); self.n * img];
+        // Each image's (dw, db) contributions; summed after.
+        let image = |(n, dxn): (usize, &mut [T])| -> (Vec<T>, Vec<T>) {
+            let gn = &g[n * self.co * cols..(n + 1) * self.co * cols];
+            let mut dw = vec![T::zero(); self.co * rows];
+            T::with_col(rows * cols, |col| {
+                self.im2col(&x[n * img..(n + 1) * img], col);
+                let cv = View::transposed(col, cols);
+                matmul(
+                    &mut dw,
+                    (self.co, rows, cols),
+                    false,
+                    View::rows(gn, cols),
+                    cv,
+                    par,
+                );
+                let wt = View::transposed(w, rows);
+                matmul(
+                    col,
+                    (rows, cols, self.co),
+                    false,
+                    wt,
+                    View::rows(gn, cols),
+                    par,
+                );
+                self.col2im(col, dxn);
+            });
+            let db = gn
+                .chunks_exact(cols)
+                .map(|r| r.iter().fold(T::zero(), |a, &v| a + v))
+                .collect();
+            (dw, db)
+        };
+        // Collected in image order, so the sums below do not depend on the threads' timing.
+        let parts: Vec<(Vec<T>, Vec<T>)> = if by_image {
+            dx.par_chunks_exact_mut(img)
+                .enumerate()
+                .map(image)
+                .collect()
+        } else {
+            dx.chunks_exact_mut(img).enumerate().map(image).collect()
+        };
+        let mut dw = vec![T::zero(); self.co * rows];
+        let mut db = vec![T::zero(); self.co];
+        for (pw, pb) in parts {
+            dw.iter_mut().zip(&pw).for_each(|(a, &v)| *a += v);
+            db.iter_mut().zip(&pb).for_each(|(a, &v)| *a += v);
+        }
+        (dx, dw, db)
+    }
+}
+
+/// Element types with a per-thread column buffer kept across calls, so that building an image's column
+/// matrix does not allocate (and page in) a fresh one each time.
+trait ColScratch: WithDType {
+    /// Runs `f` on a buffer of `len` values (contents unspecified).
+    fn with_col<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+macro_rules! col_scratch {
+    ($t:ty, $name:ident) => {
+        thread_local! {
+            static $name: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+
+        impl ColScratch for $t {
+            fn with_col<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                // Taken out (not borrowed), so a nested call on this thread gets a buffer of its own.
+                let mut buf = $name.with(|b| std::mem::take(&mut *b.borrow_mut()));
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                let r = f(&mut buf[..len]);
+                $name.with(|b| *b.borrow_mut() = buf);
+                r
+            }
+        }
+    };
+}
+
+col_scratch!(f32, COL_F32);
+col_scratch!(f64, COL_F64);
+
+/// The convolution as a candle op (see the module documentation).
+struct Conv {
+    stride: usize,
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let geo = Geometry::new(xl.shape(), wl.shape(), self.stride)?;
+        let shape = Shape::from((geo.n, geo.co, geo.ho, geo.wo));
+        let out = match xs {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(geo.forward::<f32>(slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(geo.forward::<f64>(slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?))
+            }
+            _ => candle_core::bail!("the CPU convolution takes f32 or f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let geo = Geometry::new(x.shape(), w.shape(), self.stride)?;
+        let dev = x.device();
+        let (dx, dw, db) = match x.dtype() {
+            candle_core::DType::F32 => {
+                let (dx, dw, db) = geo.backward::<f32>(&host(x)?, &host(w)?, &host(g)?);
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
+            }
+            candle_core::DType::F64 => {
+                let (dx, dw, db) = geo.backward::<f64>(&host(x)?, &host(w)?, &host(g)?);
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
+            }
+            d => candle_core::bail!("the CPU convolution takes f32 or f64, got {d:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Values and all three gradients against candle's own conv2d and autograd, for 1x1 and 3x3 kernels,
+    /// strides 1 and 2, non-square inputs, images smaller than the kernel, batches on both sides of the
+    /// thread count, and a loss that weights every output differently.
+    #[test]
+    fn matches_candle_conv2d_and_its_gradients() {
+        let dev = Device::Cpu;
+        let cases = [
+            (3, 1, 1, 6, 4),
+            (3, 2, 3, 6, 4),
+            (1, 1, 2, 6, 4),
+            (1, 2, 1, 6, 4),
+            (3, 1, 4, 6, 4),
+            (3, 1, 2, 1, 1),
+            (3, 2, 2, 2, 2),
+            (5, 1, 1, 2, 3),
+        ];
+        for (k, stride, n, h, wd) in cases {
+            let x = Var::randn(0f64, 1.0, (n, 3, h, wd), &dev).unwrap();
+            let w = Var::randn(0f64, 1.0, (5, 3, k, k), &dev).unwrap();
+            let b = Var::randn(0f64, 1.0, 5, &dev).unwrap();
+            let r = Tensor::randn(0f64, 1.0, (n, 5, h / stride, wd / stride), &dev).unwrap();
+            let ours = conv2d(&x, &w, &b, stride).unwrap();
+            let want = x
+                .conv2d(&w, k / 2, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-12);
+            let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+                let (a, e) = (go.get(v).unwrap(), gw.get(v).unwrap());
+                assert_eq!(a.dims(), e.dims());
+                let d = crate::testing::max_abs_diff(a, e);
+                assert!(
+                    d < 1e-10,
+                    "k {k} stride {stride} n {n}: gradient differs by {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_unsupported_shapes_and_types() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((5, 3, 3, 3), DType::F64, &dev).unwrap();
+        let b = Tensor::zeros(5, DType::F64, &dev).unwrap();
+        let odd = Tensor::zeros((1, 3, 5, 5), DType::F64, &dev).unwrap();
+        assert!(conv2d(&odd, &w, &b, 2).is_err());
+        let wrong_c = Tensor::zeros((1, 4, 6, 6), DType::F64, &dev).unwrap();
+        assert!(conv2d(&wrong_c, &w, &b, 1).is_err());
+        let half = Tensor::zeros((1, 3, 6, 6), DType::F16, &dev).unwrap();
+        assert!(conv2d(&half, &w.to_dtype(DType::F16).unwrap(), &b, 1).is_err());
+    }
+}
