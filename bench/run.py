@@ -30,7 +30,16 @@ WORKLOADS = {
     "b3-dopri5": (1, 1),
     "b4": (2, 1),
     "gemm": (10, 3),
+    "b5-step-cpu": (10, 2),
+    "b5-sample-cpu": (2, 1),
 }
+# The U-Net workloads on the CPU: the tiny U-Net (the CPU preset) at a CPU-sized batch, against the same
+# U-Net in torch eager (peer_unet.py): workload -> (our bench workload, arguments for both sides).
+UNET_CPU = {
+    "b5-step-cpu": ("b5-step", ["--unet", "tiny", "--batch", "8"]),
+    "b5-sample-cpu": ("b5-sample", ["--unet", "tiny", "--batch", "32"]),
+}
+PEER_UNET = [sys.executable, str(HERE / "peer_unet.py")]
 SCALING = [("step", h, b) for h in (64, 256, 1024) for b in (256, 4096, 16384)]
 
 
@@ -63,10 +72,14 @@ def main():
     results = []
     for name, extra, iters, warmup in jobs:
         kind = "step" if name.startswith("step") else name
+        if name in UNET_CPU:
+            kind, extra = UNET_CPU[name]
         common = [kind, "--iters", str(iters), "--warmup", str(warmup)] + extra
         if name.startswith(("b3", "b4")):
             common += ["--checkpoint", str(MODEL)]
         ours_cmd, peer_cmd = [str(OURS), "bench"] + common, PEERS + common
+        if name in UNET_CPU:
+            peer_cmd = PEER_UNET + common + ["--device", "cpu"]
         ours, peer = [], []
         for _ in range(a.rounds):
             ours.append(run(ours_cmd))
