@@ -188,6 +188,23 @@ impl Geometry {
         y
     }
 
+    /// [`Geometry::backward`] from and to tensors.
+    fn backward_tensors<T: ColScratch>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (dx, dw, db) = self.backward::<T>(&host(x)?, &host(w)?, &host(g)?);
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, b.shape(), dev)?,
+        ))
+    }
+
     /// (dx, dw, db) from the output gradient g (N x C_out x H' x W').
     fn backward<T: ColScratch>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (rows, cols) = self.col_dims();
@@ -318,24 +335,9 @@ impl CustomOp3 for Conv {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let geo = Geometry::new(x.shape(), w.shape(), self.stride)?;
-        let dev = x.device();
         let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => {
-                let (dx, dw, db) = geo.backward::<f32>(&host(x)?, &host(w)?, &host(g)?);
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, w.shape(), dev)?,
-                    Tensor::from_vec(db, b.shape(), dev)?,
-                )
-            }
-            candle_core::DType::F64 => {
-                let (dx, dw, db) = geo.backward::<f64>(&host(x)?, &host(w)?, &host(g)?);
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, w.shape(), dev)?,
-                    Tensor::from_vec(db, b.shape(), dev)?,
-                )
-            }
+            candle_core::DType::F32 => geo.backward_tensors::<f32>(x, w, b, g)?,
+            candle_core::DType::F64 => geo.backward_tensors::<f64>(x, w, b, g)?,
             d => candle_core::bail!("the CPU convolution takes f32 or f64, got {d:?}"),
         };
         Ok((Some(dx), Some(dw), Some(db)))

@@ -264,6 +264,24 @@ impl GroupNorm {
         y
     }
 
+    /// [`GroupNorm::backward`] from tensors (dx as a tensor; dgamma and dbeta in f64).
+    fn backward_tensors<T: Real>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<f64>, Vec<f64>)> {
+        let (dx, dg, db) = self.backward::<T>(
+            x.shape(),
+            &host(x)?,
+            &host(gamma)?,
+            &host(beta)?,
+            &host(dy)?,
+        );
+        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, dg, db))
+    }
+
     /// (dx, dgamma, dbeta) from the output gradient.
     fn backward<T: Real>(
         &self,
@@ -351,31 +369,13 @@ impl CustomOp3 for GroupNorm {
         _: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dev = x.device();
         let (dx, dgamma, dbeta) = match x.dtype() {
-            candle_core::DType::F32 => {
-                let (dx, dg, db) = self.backward::<f32>(
-                    x.shape(),
-                    &host(x)?,
-                    &host(gamma)?,
-                    &host(beta)?,
-                    &host(dy)?,
-                );
-                (Tensor::from_vec(dx, x.shape(), dev)?, dg, db)
-            }
-            candle_core::DType::F64 => {
-                let (dx, dg, db) = self.backward::<f64>(
-                    x.shape(),
-                    &host(x)?,
-                    &host(gamma)?,
-                    &host(beta)?,
-                    &host(dy)?,
-                );
-                (Tensor::from_vec(dx, x.shape(), dev)?, dg, db)
-            }
+            candle_core::DType::F32 => self.backward_tensors::<f32>(x, gamma, beta, dy)?,
+            candle_core::DType::F64 => self.backward_tensors::<f64>(x, gamma, beta, dy)?,
             d => candle_core::bail!("the CPU GroupNorm takes f32 or f64, got {d:?}"),
         };
-        let affine = |v: Vec<f64>| Tensor::from_vec(v, gamma.shape(), dev)?.to_dtype(x.dtype());
+        let affine =
+            |v: Vec<f64>| Tensor::from_vec(v, gamma.shape(), x.device())?.to_dtype(x.dtype());
         Ok((Some(dx), Some(affine(dgamma)?), Some(affine(dbeta)?)))
     }
 }
