@@ -14,10 +14,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::linalg::{host, matmul, slice, View};
+use crate::linalg::{for_each_chunk, host, matmul, slice, View};
 
 /// Whether [`conv2d`] takes `x`: f32 or f64 on the CPU.
 pub fn supports(x: &Tensor) -> bool {
@@ -181,7 +180,7 @@ impl Geometry {
         };
         let per = self.co * cols;
         if by_image {
-            y.par_chunks_exact_mut(per).enumerate().for_each(image);
+            for_each_chunk(&mut y, per, |n, yn| image((n, yn)));
         } else {
             y.chunks_exact_mut(per).enumerate().for_each(image);
         }
@@ -245,10 +244,7 @@ impl Geometry {
         };
         // Collected in image order, so the sums below do not depend on the threads' timing.
         let parts: Vec<(Vec<T>, Vec<T>)> = if by_image {
-            dx.par_chunks_exact_mut(img)
-                .enumerate()
-                .map(image)
-                .collect()
+            for_each_chunk(&mut dx, img, |n, dxn| image((n, dxn)))
         } else {
             dx.chunks_exact_mut(img).enumerate().map(image).collect()
         };

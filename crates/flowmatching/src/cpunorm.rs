@@ -12,10 +12,9 @@
 //! twice forward and three times backward.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::linalg::{exp_f32, host, multiversion, slice};
+use crate::linalg::{exp_f32, for_each_chunk, host, multiversion, slice};
 
 /// The variance offset, as in PyTorch's GroupNorm.
 pub const EPS: f64 = 1e-5;
@@ -257,10 +256,11 @@ impl GroupNorm {
     fn forward<T: Real>(&self, shape: &Shape, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
         let (cg, hw) = self.sizes(shape).expect("checked 4-D");
         let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(cg * hw)
-            .zip(x.par_chunks(cg * hw))
-            .enumerate()
-            .for_each(|(i, (yg, xg))| T::forward_group(&self.group(i, xg, gamma, beta, hw), yg));
+        let m = cg * hw;
+        for_each_chunk(&mut y, m, |i, yg| {
+            let xg = &x[i * m..(i + 1) * m];
+            T::forward_group(&self.group(i, xg, gamma, beta, hw), yg)
+        });
         y
     }
 
@@ -295,22 +295,19 @@ impl GroupNorm {
         let mut dx = vec![T::zero(); x.len()];
         // Per group: its channels' (dgamma, dbeta) contributions, summed over images after (in image
         // order, so the result does not depend on the threads' timing).
-        let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
-            .par_chunks_mut(cg * hw)
-            .zip(x.par_chunks(cg * hw).zip(dy.par_chunks(cg * hw)))
-            .enumerate()
-            .map(|(i, (dxg, (xg, dyg)))| {
-                let (mut dg, mut db) = (vec![0.0; cg], vec![0.0; cg]);
-                T::backward_group(
-                    &self.group(i, xg, gamma, beta, hw),
-                    dyg,
-                    dxg,
-                    &mut dg,
-                    &mut db,
-                );
-                (dg, db)
-            })
-            .collect();
+        let m = cg * hw;
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = for_each_chunk(&mut dx, m, |i, dxg| {
+            let (xg, dyg) = (&x[i * m..(i + 1) * m], &dy[i * m..(i + 1) * m]);
+            let (mut dg, mut db) = (vec![0.0; cg], vec![0.0; cg]);
+            T::backward_group(
+                &self.group(i, xg, gamma, beta, hw),
+                dyg,
+                dxg,
+                &mut dg,
+                &mut db,
+            );
+            (dg, db)
+        });
         let c = cg * self.groups;
         let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
         for (i, (pg, pb)) in parts.into_iter().enumerate() {

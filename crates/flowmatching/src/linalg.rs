@@ -97,6 +97,38 @@ pub(crate) fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
+/// f(i, chunk_i) for the chunks of `data` of `size` values each (the last may be shorter), run on candle's
+/// CPU thread pool: the pool candle's own elementwise ops run on, so that ops written here and candle's
+/// do not keep two sets of threads busy (spinning) on the same cores. Results come back in chunk order.
+pub(crate) fn for_each_chunk<T: Send, R: Send>(
+    data: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    // One lock per chunk (never contended: each index is handed out once) lets the pool's shared closure
+    // write to disjoint chunks.
+    let cells: Vec<std::sync::Mutex<(&mut [T], Option<R>)>> = data
+        .chunks_mut(size.max(1))
+        .map(|c| std::sync::Mutex::new((c, None)))
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(cells.len(), |range| {
+        for i in range {
+            let mut cell = cells[i].lock().expect("a chunk's lock is never poisoned");
+            let r = f(i, cell.0);
+            cell.1 = Some(r);
+        }
+    });
+    cells
+        .into_iter()
+        .map(|c| {
+            c.into_inner()
+                .expect("a chunk's lock is never poisoned")
+                .1
+                .expect("every chunk ran")
+        })
+        .collect()
+}
+
 /// e^x for f32, vectorisable: range reduction x = n ln2 + r, a degree-6 polynomial for e^r, 2^n by
 /// exponent bits. Relative error about 2e-7 on the clamped range [-87, 88].
 #[inline(always)]
@@ -152,6 +184,22 @@ pub(crate) use multiversion;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every chunk (the last one shorter) is handed to f once, and results come back in chunk order.
+    #[test]
+    fn for_each_chunk_visits_every_chunk_in_order() {
+        let mut data = vec![0usize; 103];
+        let out = for_each_chunk(&mut data, 10, |i, c| {
+            c.iter_mut().for_each(|v| *v = i + 1);
+            (i, c.len())
+        });
+        assert_eq!(out.len(), 11);
+        assert!(out
+            .iter()
+            .enumerate()
+            .all(|(k, &(i, n))| i == k && n == if k < 10 { 10 } else { 3 }));
+        assert!(data.iter().enumerate().all(|(j, &v)| v == j / 10 + 1));
+    }
 
     #[test]
     fn fast_exp_is_accurate() {
