@@ -10,6 +10,10 @@
 //! Forward: z_l = h_{l-1} W_l^T + b_l, h_l = act(z_l). Backward with g_l = dL/dz_l:
 //! dW_l = g_l^T h_{l-1}, db_l = sum_rows g_l, dL/dh_{l-1} = g_l W_l, g_{l-1} = dL/dh_{l-1} * act'(z_{l-1}).
 //! SiLU keeps s = sigmoid(z) from the forward pass: silu'(z) = s + h (1 - s). SELU needs only h.
+//!
+//! [`MlpEngine`] trains; [`FastMlp`] is a frozen copy for inference (sampling, likelihoods): it keeps the
+//! weights transposed in the layout the matrix kernel reads, and pushes forward-mode tangents through the
+//! same product as the values (the rows [h; u_1; ...; u_k] times W^T), for exact divergences.
 
 use candle_core::{DType, Tensor};
 use gemm::Parallelism;
