@@ -409,9 +409,9 @@ impl FastMlp {
     /// u_l = act'(z_l) * dz_l.
     ///
     /// Rows go in blocks so that activations stay small. With several threads and enough rows, each
-    /// thread runs whole blocks of [`PAR_ROWS`] rows on its own (single-threaded matrix products and
+    /// thread runs whole blocks of `PAR_ROWS` (1,024) rows on its own (single-threaded matrix products and
     /// activations), so its activations stay in its cache and no layer waits for the others; otherwise
-    /// blocks of [`INFER_ROWS`] rows run one after another with threaded products.
+    /// blocks of `INFER_ROWS` (4,096) rows run one after another with threaded products.
     pub fn predict_jvp(
         &self,
         x: &[f32],
