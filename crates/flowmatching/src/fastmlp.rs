@@ -15,11 +15,11 @@
 //! weights transposed in the layout the matrix kernel reads, and pushes forward-mode tangents through the
 //! same product as the values (the rows [h; u_1; ...; u_k] times W^T), for exact divergences.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::linalg::{exp_f32, matmul, multiversion, View};
+use crate::linalg::{exp_f32, host, matmul, multiversion, View};
 use crate::model::{Activation, MlpConfig, Params, TimeEmbedding, VelocityField};
 use crate::optim::AdamWConfig;
 
@@ -524,15 +524,11 @@ impl FastMlp {
         SCRATCH.with(|s| *s.borrow_mut() = [cur, next, deriv]);
         (out, jv)
     }
-
-    fn host(x: &Tensor) -> crate::Result<Vec<f32>> {
-        Ok(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
-    }
 }
 
 impl VelocityField for FastMlp {
     fn forward(&self, x: &Tensor, t: &Tensor) -> crate::Result<Tensor> {
-        let out = self.predict(&Self::host(x)?, &Self::host(t)?);
+        let out = self.predict(&host(x)?, &host(t)?);
         Ok(Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 
@@ -544,9 +540,9 @@ impl VelocityField for FastMlp {
     ) -> crate::Result<Option<(Tensor, Vec<Tensor>)>> {
         let u = tangents
             .iter()
-            .map(Self::host)
-            .collect::<crate::Result<Vec<_>>>()?;
-        let (out, jv) = self.predict_jvp(&Self::host(x)?, &Self::host(t)?, &u);
+            .map(host::<f32>)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (out, jv) = self.predict_jvp(&host(x)?, &host(t)?, &u);
         let back = |v: Vec<f32>| -> crate::Result<Tensor> {
             Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
         };
@@ -754,7 +750,7 @@ mod tests {
     use super::*;
     use crate::model::ModelConfig;
     use crate::rng::Rng;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// Jacobian-vector products against central differences of the forward pass.
     #[test]

@@ -92,9 +92,9 @@ pub(crate) fn slice<'a, T: WithDType>(
     }
 }
 
-/// A tensor's values as a host vector of T, contiguous.
+/// A tensor's values as a contiguous host vector of T (converted from the tensor's dtype if it differs).
 pub(crate) fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
+    t.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()
 }
 
 /// f(i, chunk_i) for the chunks of `data` of `size` values each (the last may be shorter), run on candle's
