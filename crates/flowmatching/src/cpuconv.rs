@@ -165,7 +165,7 @@ impl Geometry {
         let (rows, cols) = self.col_dims();
         let (by_image, par) = self.parallelism();
         let mut y = vec![T::zero(); self.n * self.co * cols];
-        let image = |(n, yn): (usize, &mut [T])| {
+        let image = |n: usize, yn: &mut [T]| {
             T::with_col(rows * cols, |col| {
                 self.im2col(
                     &x[n * self.c * self.h * self.w..][..self.c * self.h * self.w],
@@ -180,9 +180,11 @@ impl Geometry {
         };
         let per = self.co * cols;
         if by_image {
-            for_each_chunk(&mut y, per, |n, yn| image((n, yn)));
+            for_each_chunk(&mut y, per, image);
         } else {
-            y.chunks_exact_mut(per).enumerate().for_each(image);
+            for (n, yn) in y.chunks_exact_mut(per).enumerate() {
+                image(n, yn);
+            }
         }
         y
     }
@@ -211,7 +213,7 @@ impl Geometry {
         let img = self.c * self.h * self.w;
         let mut dx = vec![T::zero(); self.n * img];
         // Each image's (dw, db) contributions; summed after.
-        let image = |(n, dxn): (usize, &mut [T])| -> (Vec<T>, Vec<T>) {
+        let image = |n: usize, dxn: &mut [T]| -> (Vec<T>, Vec<T>) {
             let gn = &g[n * self.co * cols..(n + 1) * self.co * cols];
             let mut dw = vec![T::zero(); self.co * rows];
             T::with_col(rows * cols, |col| {
@@ -244,9 +246,12 @@ impl Geometry {
         };
         // Collected in image order, so the sums below do not depend on the threads' timing.
         let parts: Vec<(Vec<T>, Vec<T>)> = if by_image {
-            for_each_chunk(&mut dx, img, |n, dxn| image((n, dxn)))
+            for_each_chunk(&mut dx, img, image)
         } else {
-            dx.chunks_exact_mut(img).enumerate().map(image).collect()
+            dx.chunks_exact_mut(img)
+                .enumerate()
+                .map(|(n, dxn)| image(n, dxn))
+                .collect()
         };
         let mut dw = vec![T::zero(); self.co * rows];
         let mut db = vec![T::zero(); self.co];
