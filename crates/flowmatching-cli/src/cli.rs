@@ -285,6 +285,9 @@ pub struct BenchArgs {
     /// The U-Net of the b5-step and b5-sample workloads (B5 itself is `small`).
     #[arg(long, value_enum, default_value = "small")]
     pub unet: UNetPreset,
+    /// rtol = atol of the Dopri5 solves in b3-dopri5 and b4 (the workloads' own setting is 1e-5).
+    #[arg(long, default_value_t = 1e-5)]
+    pub tol: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -541,6 +544,10 @@ pub struct SampleArgs {
     pub plot: Option<PathBuf>,
     #[arg(long, default_value_t = 10_000)]
     pub num_samples: usize,
+    /// Point models: start from the rows of this .npy / .csv file (N x D) instead of fresh noise, e.g. to
+    /// integrate the same x0 as another tool (flow_matching's `x_init`). Sets the number of samples.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["num_samples", "seed"])]
+    pub x0: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "midpoint")]
     pub solver: SolverArg,
     /// Number of solver steps for fixed-step solvers (NFE = steps x evaluations per step).
@@ -605,7 +612,7 @@ pub struct LikelihoodArgs {
     /// Number of points (all rows of a file by default; 10,000 for a built-in set).
     #[arg(long)]
     pub num_samples: Option<usize>,
-    /// Exact divergence: one backward pass per dimension (the default).
+    /// Exact divergence: the trace of the Jacobian, one derivative pass per dimension (the default).
     #[arg(long, conflicts_with = "hutchinson")]
     pub exact: bool,
     /// Hutchinson's divergence estimate with this many Rademacher probes.
@@ -626,6 +633,9 @@ pub struct LikelihoodArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also write each point's log-likelihood log p(x) in nats, in input order (.npy, float64, N).
+    #[arg(long, value_name = "FILE")]
+    pub per_point: Option<PathBuf>,
     #[arg(long)]
     pub raw_weights: bool,
     #[command(flatten)]

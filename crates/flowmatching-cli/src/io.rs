@@ -102,8 +102,12 @@ pub fn parse_npy(bytes: &[u8], name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((c, shape))
 }
 
-/// Writes an f32 array of the given shape as .npy, atomically (creating the parent folder).
-pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+/// Writes an f32 (or f64) array of the given shape as .npy, atomically (creating the parent folder).
+pub fn write_npy<T: npyz::AutoSerialize + Copy>(
+    path: &Path,
+    data: &[T],
+    shape: &[usize],
+) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         ensure_dir(parent)?;
     }

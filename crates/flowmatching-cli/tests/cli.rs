@@ -97,6 +97,30 @@ fn train_then_sample_on_user_npy_and_resume() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("s.stats.json")).unwrap()).unwrap();
     assert!(stats["nfe_per_sample_mean"].as_f64().unwrap() > 0.0);
+    // --x0: starting from the noise that run started from (the trajectory's first frame) gives its samples
+    let traj = read_npy_values(&dir.join("s.trajectory.npy"));
+    let x0 = dir.join("x0.npy");
+    let start: Vec<[f64; 2]> = traj[..60].chunks(2).map(|r| [r[0], r[1]]).collect();
+    write_npy_f64(&x0, &start);
+    let again = dir.join("again.npy");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--out",
+        again.to_str().unwrap(),
+        "--x0",
+        x0.to_str().unwrap(),
+        "--solver",
+        "dopri5",
+        "--rtol",
+        "1e-4",
+        "--atol",
+        "1e-4",
+        "--per-sample",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_npy_values(&again), read_npy_values(&out));
 
     // likelihood, exact and Hutchinson, and the solver table
     let json = dir.join("ll.json");
@@ -121,6 +145,29 @@ fn train_then_sample_on_user_npy_and_resume() {
         assert_eq!(r["num_points"], 40);
         assert!(r["nll_nats"].as_f64().unwrap().is_finite());
     }
+    // --per-point: each point's log p, whose mean is minus the reported NLL
+    let per_point = dir.join("logp.npy");
+    let o = run(&[
+        "likelihood",
+        "--checkpoint",
+        c,
+        "--data",
+        d,
+        "--num-samples",
+        "40",
+        "--batch-size",
+        "16",
+        "--out",
+        json.to_str().unwrap(),
+        "--per-point",
+        per_point.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log_p = read_npy_values(&per_point);
+    assert_eq!(log_p.len(), 40);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let mean = log_p.iter().sum::<f64>() / 40.0;
+    assert!((mean + r["nll_nats"].as_f64().unwrap()).abs() < 1e-9);
     let o = run(&[
         "solvers",
         "--checkpoint",

@@ -127,6 +127,8 @@ fn catalogue(d: &Path) -> Vec<Case> {
     std::fs::write(&inf, "1,2\n3,inf\n").unwrap();
     let empty = d.join("empty.csv");
     std::fs::write(&empty, "x,y\n").unwrap();
+    let three = d.join("three.csv");
+    std::fs::write(&three, "1,2,3\n4,5,6\n").unwrap();
     let ragged = d.join("ragged.csv");
     std::fs::write(&ragged, "1,2\n3,4,5\n").unwrap();
     let badmagic = d.join("badmagic");
@@ -529,6 +531,64 @@ fn catalogue(d: &Path) -> Vec<Case> {
             with(train("moons"), &["--source", "nosuchset"]),
             "neither a built-in",
             &[&ck],
+        ),
+        case(
+            "E44",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--out",
+                &s(&samples),
+                "--x0",
+                &s(&three),
+            ],
+            "has 3 columns",
+            &[&samples],
+        ),
+        case(
+            "E45",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--out",
+                &s(&samples),
+                "--x0",
+                &s(&nan),
+            ],
+            "non-finite value in row 1",
+            &[&samples],
+        ),
+        case(
+            "E46",
+            &[
+                "sample",
+                "--checkpoint",
+                &im,
+                "--out",
+                &s(&samples),
+                "--x0",
+                &s(&three),
+            ],
+            "for point models",
+            &[&samples],
+        ),
+        case(
+            "E47",
+            &[
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--num-samples",
+                "8",
+                "--per-point",
+                &s(&d.join("logp.txt")),
+            ],
+            "must name a .npy",
+            &[&d.join("logp.txt")],
         ),
     ]
 }

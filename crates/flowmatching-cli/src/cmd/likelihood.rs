@@ -83,6 +83,11 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
         },
         None => Divergence::Exact,
     };
+    if let Some(p) = &a.per_point {
+        if p.extension().and_then(|e| e.to_str()) != Some("npy") {
+            bail!("--per-point must name a .npy file, got {}", p.display());
+        }
+    }
     if let Some(s) = a.bits_scale {
         if !(s > 0.0 && s.is_finite()) {
             bail!("--bits-scale must be positive, got {s}");
@@ -152,6 +157,9 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
     };
     if let Some(out) = &a.out {
         io::write_json(out, &report)?;
+    }
+    if let Some(p) = &a.per_point {
+        io::write_npy(p, &log_p, &[n])?;
     }
     print!("NLL = {nll:.4} +- {se:.4} nats over {n} points");
     if let Some(b) = report.bits_per_dim {

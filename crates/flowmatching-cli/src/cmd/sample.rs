@@ -75,6 +75,32 @@ pub fn initial_points(config: &RunConfig, n: usize, seed: u64) -> Result<Vec<f32
     }
 }
 
+/// The start points of `--x0`: the rows of a .npy / .csv file, checked against the model's dimension.
+fn start_points(file: &Path, dim: usize) -> Result<Vec<f32>> {
+    let (rows, cols) = match file.extension().and_then(|e| e.to_str()) {
+        Some("npy") => io::read_npy(file)?,
+        Some("csv") => io::read_csv(file)?,
+        _ => bail!("--x0 must name a .npy or .csv file, got {}", file.display()),
+    };
+    if cols != dim {
+        bail!(
+            "the model is {dim}-dimensional but {} has {cols} columns",
+            file.display()
+        );
+    }
+    if rows.is_empty() {
+        bail!("{} has no rows", file.display());
+    }
+    if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{} has a non-finite value in row {}",
+            file.display(),
+            i / dim
+        );
+    }
+    Ok(rows)
+}
+
 /// Class labels and guidance weight for a class-conditional model.
 pub struct Conditioning {
     /// One label per sample.
@@ -188,6 +214,9 @@ struct SampleReport<'a> {
     solver: SolverKind,
     control: StepControl,
     num_samples: usize,
+    /// The file the start points came from (`--x0`); otherwise noise drawn from `seed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x0: Option<String>,
     seed: u64,
     ema: bool,
     seconds: f64,
@@ -220,34 +249,37 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     let ckpt = Checkpoint::load(&a.checkpoint, &device)?;
     let model = ckpt.model(&device, !a.raw_weights)?;
     if ckpt.meta.config.model.image_shape().is_some() || a.guidance.is_some() || a.class.is_some() {
+        if a.x0.is_some() {
+            bail!("--x0 is for point models; image sampling starts from noise drawn from --seed");
+        }
         return run_images(a, &ckpt, &model, kind, control, &device);
     }
     if a.grid.is_some() {
         bail!("--grid is for image models; use --plot for points");
     }
+    let config = &ckpt.meta.config;
+    let dim = config.model.dim();
+    let x0 = match &a.x0 {
+        Some(file) => start_points(file, dim)?,
+        None => initial_points(config, a.num_samples, a.seed)?,
+    };
+    let num_samples = x0.len() / dim;
     let start = Instant::now();
     let opts = SolveOptions {
         control,
         grid,
         keep_trajectory: false,
     };
-    let (x, sol) = draw(
-        &model,
-        &ckpt.meta.config,
-        a.num_samples,
-        kind,
-        &opts,
-        a.seed,
-    )?;
+    let (x, sol) = transport(&model, config, x0, kind, &opts)?;
     let seconds = start.elapsed().as_secs_f64();
-    let dim = ckpt.meta.config.model.dim();
-    io::write_npy(&a.out, &x, &[a.num_samples, dim])?;
+    io::write_npy(&a.out, &x, &[num_samples, dim])?;
     let per = sol.nfe_per_sample.as_ref();
     let report = SampleReport {
         checkpoint: a.checkpoint.display().to_string(),
         solver: kind,
         control,
-        num_samples: a.num_samples,
+        num_samples,
+        x0: a.x0.as_ref().map(|p| p.display().to_string()),
         seed: a.seed,
         ema: !a.raw_weights,
         seconds,
@@ -269,14 +301,14 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         io::write_npy(
             &beside(&a.out, "trajectory.npy"),
             &flat,
-            &[frames.len(), a.num_samples, dim],
+            &[frames.len(), num_samples, dim],
         )?;
         plot::trajectories(&beside(&a.out, "trajectory.png"), &frames, dim, 300)?;
     }
     let s = &sol.stats;
     println!(
         "{} samples in {seconds:.2} s with {kind:?}: nfe {}, steps {}, accepted {}, rejected {} -> {}",
-        a.num_samples,
+        num_samples,
         s.nfe,
         s.steps,
         s.accepted,

@@ -63,6 +63,26 @@ pub fn read_npy_len(path: &Path) -> usize {
     (bytes.len() - 10 - hlen) / 4
 }
 
+/// The values of a little-endian float32 (`<f4`) or float64 (`<f8`) .npy file, as f64.
+pub fn read_npy_values(path: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(path).unwrap();
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + hlen]);
+    let payload = &bytes[10 + hlen..];
+    if header.contains("'<f8'") {
+        payload
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    } else {
+        assert!(header.contains("'<f4'"), "unexpected dtype in {header}");
+        payload
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect()
+    }
+}
+
 /// A tiny Fashion-MNIST look-alike in the IDX layout: 8x8 images of two classes (a bright left or right
 /// half), gzip-free (the loader takes both).
 pub fn fake_fashion(dir: &Path, split: &str, n: usize) {
