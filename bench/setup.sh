@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q "torch==2.11.0" "flow_matching==1.0.10" "torchdiffeq==0.2.5" "safetensors==0.7.0" packaging tqdm numpy
+.venv/bin/pip install -q "torch==2.11.0" "flow_matching==1.0.10" "torchdiffeq==0.2.5" "safetensors==0.7.0" packaging tqdm numpy "matplotlib==3.10.7"
 .venv/bin/python -c "import torch, flow_matching, torchdiffeq; print('torch', torch.__version__, 'threads', torch.get_num_threads())"

@@ -16,7 +16,7 @@ use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::rng::Rng;
 use flowmatching::scheduler::SchedulerConfig;
-use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind};
+use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind, StepControl};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
@@ -315,7 +315,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             };
             let ckpt = Checkpoint::load(ck, &dev)?;
             let model = ckpt.model(&dev, false)?;
-            let dopri = Adaptive::new(1e-5, 1e-5)?;
+            let dopri = Adaptive::new(a.tol, a.tol)?;
             match a.workload {
                 Workload::B4 => {
                     let x = Tensor::from_vec(
@@ -323,7 +323,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                         (10_000, 2),
                         &dev,
                     )?;
-                    let opts = LikelihoodOptions::default();
+                    let opts = LikelihoodOptions {
+                        control: StepControl::Adaptive(dopri),
+                        ..LikelihoodOptions::default()
+                    };
                     let r = time(a.warmup, a.iters, || {
                         Ok(Some(log_likelihood(&model, &x, &opts)?.stats.nfe))
                     })?;
