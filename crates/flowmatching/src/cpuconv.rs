@@ -143,10 +143,18 @@ impl Geometry {
                 };
                 let line = &mut plane[y * self.w + x0..(y + 1) * self.w];
                 let inner = &src[js.clone()];
-                line.iter_mut()
-                    .step_by(s)
-                    .zip(inner)
-                    .for_each(|(o, &v)| *o += v);
+                if s == 1 {
+                    // Contiguous on both sides: a plain zip, which the compiler vectorises.
+                    line[..inner.len()]
+                        .iter_mut()
+                        .zip(inner)
+                        .for_each(|(o, &v)| *o += v);
+                } else {
+                    line.iter_mut()
+                        .step_by(s)
+                        .zip(inner)
+                        .for_each(|(o, &v)| *o += v);
+                }
             }
         }
     }
