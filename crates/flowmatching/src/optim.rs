@@ -1,9 +1,10 @@
 //! AdamW with decoupled weight decay, gradient-norm clipping, learning-rate warm-up and EMA.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::linalg::{for_each_chunk, host};
 use crate::model::Params;
 
 /// AdamW hyper-parameters (PyTorch's defaults but for the learning rate).
@@ -64,6 +65,14 @@ pub fn flatten_params(params: &Params) -> Result<Tensor> {
     flatten(params.vars().map(|v| v.as_tensor()))
 }
 
+/// Writes a flat vector of values into the parameters.
+fn set_params(params: &Params, theta: &Tensor) -> Result<()> {
+    for (var, value) in params.vars().zip(unflatten(theta, params)?) {
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
 /// Splits a flat vector back into tensors shaped like the parameters (views, no copies).
 pub fn unflatten(flat: &Tensor, params: &Params) -> Result<Vec<Tensor>> {
     if flat.elem_count() != params.count() {
@@ -122,12 +131,26 @@ impl AdamW {
     /// [`AdamW::step`] with the gradients as one flat vector; returns the new flat parameter vector.
     pub fn step_flat(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
         self.steps += 1;
-        let c = self.config;
-        let k = self.steps as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k));
         // Gradients from autograd carry the graph that made them (activations included); the
         // moments must not, or every step's graph would stay alive through them.
         let g = g.detach();
+        if g.device().is_cpu() && g.dtype() == DType::F32 && self.m.dtype() == DType::F32 {
+            self.step_host(params, &g, lr)
+        } else {
+            self.step_ops(params, &g, lr)
+        }
+    }
+
+    /// Bias corrections 1 - b1^k and 1 - b2^k of the current step k.
+    fn corrections(&self) -> (f64, f64) {
+        let (c, k) = (self.config, self.steps as i32);
+        (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k))
+    }
+
+    /// The update as candle operations (any device; on a GPU each is one kernel over the flat vector).
+    fn step_ops(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
+        let c = self.config;
+        let (bc1, bc2) = self.corrections();
         self.m = (self.m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
         self.v = (self.v.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
         let denom = self.v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
@@ -139,9 +162,65 @@ impl AdamW {
             theta
         };
         let theta = (theta - update)?;
-        for (var, value) in params.vars().zip(unflatten(&theta, params)?) {
-            var.set(&value)?;
+        set_params(params, &theta)?;
+        Ok(theta)
+    }
+
+    /// The same update on the CPU in f32 as one pass over (m, v, theta, g), chunks in parallel on
+    /// candle's pool: the dozen candle operations above each allocate and sweep the whole vector, most
+    /// of them on one thread. Same operations in the same order as [`AdamW::step_ops`], so the same bits.
+    fn step_host(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
+        let c = self.config;
+        let (bc1, bc2) = self.corrections();
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let (inv_bc2, step, eps) = ((1.0 / bc2) as f32, (lr / bc1) as f32, c.eps as f32);
+        let decay = (c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32);
+        let mut m = host::<f32>(&self.m)?;
+        let mut v = host::<f32>(&self.v)?;
+        let g = host::<f32>(g)?;
+        let mut theta = host::<f32>(&flatten_params(params)?)?;
+        if g.len() != theta.len() {
+            return Err(Error::Config(format!(
+                "{} gradient values for {} parameters",
+                g.len(),
+                theta.len()
+            )));
         }
+        const CHUNK: usize = 1 << 15;
+        let mut parts: Vec<_> = theta
+            .chunks_mut(CHUNK)
+            .zip(m.chunks_mut(CHUNK))
+            .zip(v.chunks_mut(CHUNK))
+            .zip(g.chunks(CHUNK))
+            .map(|(((th, m), v), g)| (th, m, v, g))
+            .collect();
+        for_each_chunk(&mut parts, 1, |_, part| {
+            for (th, m, v, &g) in part.iter_mut().flat_map(|(th, m, v, g)| {
+                th.iter_mut()
+                    .zip(m.iter_mut())
+                    .zip(v.iter_mut())
+                    .zip(g.iter())
+                    .map(|(((th, m), v), g)| (th, m, v, g))
+            }) {
+                *m = *m * b1 + g * a1;
+                *v = *v * b2 + g * g * a2;
+                let denom = (*v * inv_bc2).sqrt() + eps;
+                let update = *m * step / denom;
+                let kept = match decay {
+                    Some(d) => *th * d,
+                    None => *th,
+                };
+                *th = kept - update;
+            }
+        });
+        drop(parts);
+        let dev = self.m.device().clone();
+        let n = theta.len();
+        self.m = Tensor::from_vec(m, n, &dev)?;
+        self.v = Tensor::from_vec(v, n, &dev)?;
+        let theta = Tensor::from_vec(theta, n, &dev)?;
+        set_params(params, &theta)?;
         Ok(theta)
     }
 
@@ -347,6 +426,48 @@ mod tests {
                 assert!((a - x).abs() < 1e-12);
             }
         }
+    }
+
+    /// The fused f32 CPU update gives the same bits as the candle-op update, step after step, with weight
+    /// decay, on a vector longer than one of its parallel chunks.
+    #[test]
+    fn host_update_matches_candle_ops() {
+        let cfg = ModelConfig::Mlp(MlpConfig {
+            hidden: 200,
+            depth: 2,
+            ..MlpConfig::new(2)
+        });
+        let build = || {
+            cfg.build(&mut Rng::new(3), &Device::Cpu, DType::F32)
+                .unwrap()
+                .1
+        };
+        let (pa, pb) = (build(), build());
+        assert!(pa.count() > 1 << 15);
+        let c = AdamWConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (AdamW::new(&pa, c).unwrap(), AdamW::new(&pb, c).unwrap());
+        let mut rng = Rng::new(5);
+        for _ in 0..3 {
+            let g = Tensor::from_vec(rng.normal_vec(pa.count()), pa.count(), &Device::Cpu).unwrap();
+            a.steps += 1;
+            b.steps += 1;
+            let ta = a.step_host(&pa, &g, 0.01).unwrap();
+            let tb = b.step_ops(&pb, &g, 0.01).unwrap();
+            let (ta, tb): (Vec<f32>, Vec<f32>) = (ta.to_vec1().unwrap(), tb.to_vec1().unwrap());
+            assert_eq!(ta, tb);
+            let (ma, mb): (Vec<f32>, Vec<f32>) = (a.m.to_vec1().unwrap(), b.m.to_vec1().unwrap());
+            assert_eq!(ma, mb);
+            let (va, vb): (Vec<f32>, Vec<f32>) = (a.v.to_vec1().unwrap(), b.v.to_vec1().unwrap());
+            assert_eq!(va, vb);
+        }
+        // and the parameters themselves were written
+        let flat: Vec<f32> = flatten_params(&pa).unwrap().to_vec1().unwrap();
+        let theta: Vec<f32> = flatten_params(&pb).unwrap().to_vec1().unwrap();
+        assert_eq!(flat, theta);
     }
 
     #[test]
