@@ -50,6 +50,7 @@ pub mod solver;
 pub mod straightness;
 pub mod train;
 pub mod unet;
+pub mod upsample;
 
 pub use error::{Error, Result};
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::layers::{Builder, Weights};
 use crate::model::{Init, Params};
+use crate::upsample::upsample2x;
 
 /// The U-Net's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,18 +430,6 @@ impl UNet {
     }
 }
 
-/// Nearest-neighbour 2x upsampling of (N, C, H, W) as a broadcast copy.
-///
-/// Same values as candle's `upsample_nearest2d`, whose backward is a grouped convolution that candle
-/// runs as one convolution per channel (hundreds of kernel launches); a broadcast's backward is one sum.
-fn upsample2x(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    Ok(x.reshape((n, c, h, 1, w, 1))?
-        .broadcast_as((n, c, h, 2, w, 2))?
-        .contiguous()?
-        .reshape((n, c, 2 * h, 2 * w))?)
-}
-
 /// Softmax over the last dimension from primitive ops (so autograd sees through it).
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -469,27 +458,6 @@ mod tests {
             groups: 4,
             num_classes: 3,
         }
-    }
-
-    /// The broadcast upsampling equals candle's nearest upsampling, and its gradient sums each 2x2 block.
-    #[test]
-    fn upsample_matches_candle() {
-        let dev = Device::Cpu;
-        let x = candle_core::Var::randn(0f64, 1.0, (2, 3, 4, 5), &dev).unwrap();
-        let ours = upsample2x(&x).unwrap();
-        let want = x.upsample_nearest2d(8, 10).unwrap();
-        assert_eq!(crate::testing::max_abs_diff(&ours, &want), 0.0);
-        let r = Tensor::randn(0f64, 1.0, (2, 3, 8, 10), &dev).unwrap();
-        let g = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap();
-        let block_sums = r
-            .reshape((2, 3, 4, 2, 5, 2))
-            .unwrap()
-            .sum(5)
-            .unwrap()
-            .sum(3)
-            .unwrap();
-        assert!(crate::testing::max_abs_diff(g, &block_sums) < 1e-12);
     }
 
     #[test]
