@@ -74,14 +74,7 @@ fn train_then_sample_on_user_npy_and_resume() {
     assert_eq!(stats["stats"]["nfe"], 20);
 
     // adaptive sampling with per-sample control and a saved trajectory
-    let o = run(&[
-        "sample",
-        "--checkpoint",
-        c,
-        "--out",
-        out.to_str().unwrap(),
-        "--num-samples",
-        "30",
+    let adaptive = [
         "--solver",
         "dopri5",
         "--rtol",
@@ -89,8 +82,14 @@ fn train_then_sample_on_user_npy_and_resume() {
         "--atol",
         "1e-4",
         "--per-sample",
-        "--trajectory",
-    ]);
+    ];
+    let o = bin()
+        .args(["sample", "--checkpoint", c, "--num-samples", "30", "--out"])
+        .arg(&out)
+        .args(adaptive)
+        .arg("--trajectory")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(dir.join("s.trajectory.png").exists());
     assert_eq!(read_npy_len(&dir.join("s.trajectory.npy")), 101 * 30 * 2);
@@ -103,22 +102,14 @@ fn train_then_sample_on_user_npy_and_resume() {
     let start: Vec<[f64; 2]> = traj[..60].chunks(2).map(|r| [r[0], r[1]]).collect();
     write_npy_f64(&x0, &start);
     let again = dir.join("again.npy");
-    let o = run(&[
-        "sample",
-        "--checkpoint",
-        c,
-        "--out",
-        again.to_str().unwrap(),
-        "--x0",
-        x0.to_str().unwrap(),
-        "--solver",
-        "dopri5",
-        "--rtol",
-        "1e-4",
-        "--atol",
-        "1e-4",
-        "--per-sample",
-    ]);
+    let o = bin()
+        .args(["sample", "--checkpoint", c, "--out"])
+        .arg(&again)
+        .arg("--x0")
+        .arg(&x0)
+        .args(adaptive)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read_npy_values(&again), read_npy_values(&out));
 

@@ -209,6 +209,20 @@ fn catalogue(d: &Path) -> Vec<Case> {
         base.extend(extra.iter().map(|a| a.to_string()));
         base
     };
+    let sample_from = |ck: &str, x0: &Path| -> Vec<String> {
+        [
+            "sample",
+            "--checkpoint",
+            ck,
+            "--out",
+            &s(&samples),
+            "--x0",
+            &s(x0),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
     let c = |id: &'static str, args: Vec<String>, needle: &'static str, absent: &[&Path]| Case {
         id,
         args,
@@ -532,45 +546,16 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "neither a built-in",
             &[&ck],
         ),
-        case(
-            "E44",
-            &[
-                "sample",
-                "--checkpoint",
-                &g,
-                "--out",
-                &s(&samples),
-                "--x0",
-                &s(&three),
-            ],
-            "has 3 columns",
-            &[&samples],
-        ),
-        case(
+        c("E44", sample_from(&g, &three), "has 3 columns", &[&samples]),
+        c(
             "E45",
-            &[
-                "sample",
-                "--checkpoint",
-                &g,
-                "--out",
-                &s(&samples),
-                "--x0",
-                &s(&nan),
-            ],
+            sample_from(&g, &nan),
             "non-finite value in row 1",
             &[&samples],
         ),
-        case(
+        c(
             "E46",
-            &[
-                "sample",
-                "--checkpoint",
-                &im,
-                "--out",
-                &s(&samples),
-                "--x0",
-                &s(&three),
-            ],
+            sample_from(&im, &three),
             "for point models",
             &[&samples],
         ),
