@@ -7,10 +7,14 @@
 //! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW),
 //! - backward: dW = sum_n g_n col_n^T, db = sum_n sum_(i,j) g_n, dx_n = col2im(W^T g_n),
 //!
+//! The bias b is per channel (C_out), or per image and channel (N x C_out): then db_n = sum_(i,j) g_n.
+//! A per-image bias takes in an addend that is constant over each image (the U-Net's time embedding)
+//! without a separate broadcast add, whose backward candle runs as a reduction over the whole activation.
+//!
 //! where col2im adds each column entry back onto the pixel it was read from. Built from candle ops the same
 //! convolution took a padded copy, nine window copies, a concatenation and two layout changes forward, and
 //! as many backward; here each image's column matrix (C k^2 x H' W', a few MB at most) is built once forward
-//! and once backward and stays in cache. Images run in parallel on rayon's threads.
+//! and once backward and stays in cache. Images run in parallel on candle's CPU thread pool.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
@@ -24,7 +28,8 @@ pub fn supports(x: &Tensor) -> bool {
 }
 
 /// y = conv(x, w) + b with padding k/2 and stride `stride` (1, or 2 on even sizes) for an odd square
-/// kernel w (C_out x C x k x k), on f32 or f64 tensors on the CPU.
+/// kernel w (C_out x C x k x k), on f32 or f64 tensors on the CPU; b is (C_out), or (N, C_out) for a
+/// bias per image.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
     if !supports(x) {
         return Err(Error::Config(format!(
@@ -34,6 +39,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tenso
         )));
     }
     crate::layers::check_conv(x, w, stride)?;
+    let (n, co) = (x.dim(0)?, w.dim(0)?);
+    if b.dims() != [co] && b.dims() != [n, co] {
+        return Err(Error::Config(format!(
+            "the convolution's bias must be ({co}) or ({n}, {co}), got {:?}",
+            b.dims()
+        )));
+    }
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride })?)
 }
@@ -179,7 +191,12 @@ impl Geometry {
                     &x[n * self.c * self.h * self.w..][..self.c * self.h * self.w],
                     col,
                 );
-                for (row, &bias) in yn.chunks_exact_mut(cols).zip(b) {
+                let bias = if b.len() == self.co {
+                    b
+                } else {
+                    &b[n * self.co..(n + 1) * self.co]
+                };
+                for (row, &bias) in yn.chunks_exact_mut(cols).zip(bias) {
                     row.fill(bias);
                 }
                 let (wv, cv) = (View::rows(w, rows), View::rows(col, cols));
@@ -205,7 +222,8 @@ impl Geometry {
         b: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (dx, dw, db) = self.backward::<T>(&host(x)?, &host(w)?, &host(g)?);
+        let per_image = b.rank() == 2;
+        let (dx, dw, db) = self.backward::<T>(&host(x)?, &host(w)?, &host(g)?, per_image);
         let dev = x.device();
         Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
@@ -214,8 +232,14 @@ impl Geometry {
         ))
     }
 
-    /// (dx, dw, db) from the output gradient g (N x C_out x H' x W').
-    fn backward<T: ColScratch>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    /// (dx, dw, db) from the output gradient g (N x C_out x H' x W'); db per image if `per_image`.
+    fn backward<T: ColScratch>(
+        &self,
+        x: &[T],
+        w: &[T],
+        g: &[T],
+        per_image: bool,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (rows, cols) = self.col_dims();
         let (by_image, par) = self.parallelism();
         let img = self.c * self.h * self.w;
@@ -262,10 +286,15 @@ impl Geometry {
                 .collect()
         };
         let mut dw = vec![T::zero(); self.co * rows];
-        let mut db = vec![T::zero(); self.co];
-        for (pw, pb) in parts {
+        let mut db = vec![T::zero(); if per_image { self.n * self.co } else { self.co }];
+        for (n, (pw, pb)) in parts.into_iter().enumerate() {
             dw.iter_mut().zip(&pw).for_each(|(a, &v)| *a += v);
-            db.iter_mut().zip(&pb).for_each(|(a, &v)| *a += v);
+            let dbn = if per_image {
+                &mut db[n * self.co..(n + 1) * self.co]
+            } else {
+                &mut db[..]
+            };
+            dbn.iter_mut().zip(&pb).for_each(|(a, &v)| *a += v);
         }
         (dx, dw, db)
     }
@@ -374,16 +403,27 @@ mod tests {
             (3, 2, 2, 2, 2),
             (5, 1, 1, 2, 3),
         ];
-        for (k, stride, n, h, wd) in cases {
+        // a bias per channel, or per image and channel
+        for ((k, stride, n, h, wd), per_image) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let x = Var::randn(0f64, 1.0, (n, 3, h, wd), &dev).unwrap();
             let w = Var::randn(0f64, 1.0, (5, 3, k, k), &dev).unwrap();
-            let b = Var::randn(0f64, 1.0, 5, &dev).unwrap();
+            let b = if !per_image {
+                Var::randn(0f64, 1.0, 5, &dev).unwrap()
+            } else {
+                Var::randn(0f64, 1.0, (n, 5), &dev).unwrap()
+            };
             let r = Tensor::randn(0f64, 1.0, (n, 5, h / stride, wd / stride), &dev).unwrap();
             let ours = conv2d(&x, &w, &b, stride).unwrap();
+            let bias = match b.rank() {
+                1 => b.reshape((1, 5, 1, 1)).unwrap(),
+                _ => b.reshape((n, 5, 1, 1)).unwrap(),
+            };
             let want = x
                 .conv2d(&w, k / 2, stride, 1, 1)
                 .unwrap()
-                .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
+                .broadcast_add(&bias)
                 .unwrap();
             assert_eq!(ours.dims(), want.dims());
             assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-12);
@@ -395,7 +435,7 @@ mod tests {
                 let d = crate::testing::max_abs_diff(a, e);
                 assert!(
                     d < 1e-10,
-                    "k {k} stride {stride} n {n}: gradient differs by {d}"
+                    "k {k} stride {stride} n {n} per-image bias {per_image}: gradient differs by {d}"
                 );
             }
         }
@@ -410,6 +450,11 @@ mod tests {
         assert!(conv2d(&odd, &w, &b, 2).is_err());
         let wrong_c = Tensor::zeros((1, 4, 6, 6), DType::F64, &dev).unwrap();
         assert!(conv2d(&wrong_c, &w, &b, 1).is_err());
+        let x = Tensor::zeros((2, 3, 6, 6), DType::F64, &dev).unwrap();
+        for bad in [(4, 5), (2, 4)] {
+            let b = Tensor::zeros(bad, DType::F64, &dev).unwrap();
+            assert!(conv2d(&x, &w, &b, 1).is_err());
+        }
         let half = Tensor::zeros((1, 3, 6, 6), DType::F16, &dev).unwrap();
         assert!(conv2d(&half, &w.to_dtype(DType::F16).unwrap(), &b, 1).is_err());
     }

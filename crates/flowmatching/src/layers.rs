@@ -70,6 +70,28 @@ impl Weights {
         Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
     }
 
+    /// [`Weights::conv`] plus `extra` (N, C_out): a value per image and channel added to every pixel (the
+    /// U-Net's time embedding). On the CPU it joins the convolution's bias, so no broadcast add is left
+    /// for autograd (whose backward would be a reduction over the whole activation).
+    pub fn conv_plus(
+        &self,
+        name: &str,
+        x: &Tensor,
+        stride: usize,
+        extra: &Tensor,
+    ) -> Result<Tensor> {
+        if matches!(conv_impl(x.device()), ConvImpl::Im2col) && crate::cpuconv::supports(x) {
+            let w = self.get(&format!("{name}.weight"))?;
+            let b = self.get(&format!("{name}.bias"))?;
+            let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
+            return crate::cpuconv::conv2d(x, w, &bias, stride);
+        }
+        let (n, c) = extra.dims2()?;
+        Ok(self
+            .conv(name, x, stride)?
+            .broadcast_add(&extra.reshape((n, c, 1, 1))?)?)
+    }
+
     /// GroupNorm (eps 1e-5): each group of channels normalised over (its channels, H, W), then a
     /// per-channel affine map. On the CPU one fused op ([`crate::cpunorm`]); elsewhere [`group_norm_ops`].
     pub fn group_norm(&self, name: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
@@ -323,6 +345,36 @@ pub(crate) fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// conv_plus (the per-image value joins the CPU convolution's bias) gives the values and gradients of
+    /// the convolution followed by a broadcast add.
+    #[test]
+    fn conv_plus_equals_conv_then_broadcast_add() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f64, 1.0, (2, 3, 6, 4), &dev).unwrap();
+        let w = candle_core::Var::randn(0f64, 1.0, (5, 3, 3, 3), &dev).unwrap();
+        let b = candle_core::Var::randn(0f64, 1.0, 5, &dev).unwrap();
+        let e = candle_core::Var::randn(0f64, 1.0, (2, 5), &dev).unwrap();
+        let weights = Weights(HashMap::from([
+            ("c.weight".to_string(), w.as_tensor().clone()),
+            ("c.bias".to_string(), b.as_tensor().clone()),
+        ]));
+        let r = Tensor::randn(0f64, 1.0, (2, 5, 6, 4), &dev).unwrap();
+        let ours = weights.conv_plus("c", &x, 1, &e).unwrap();
+        let want = weights
+            .conv("c", &x, 1)
+            .unwrap()
+            .broadcast_add(&e.reshape((2, 5, 1, 1)).unwrap())
+            .unwrap();
+        assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-12);
+        let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [x.as_tensor(), w.as_tensor(), b.as_tensor(), e.as_tensor()] {
+            let (a, b) = (go.get(v).unwrap(), gw.get(v).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            assert!(crate::testing::max_abs_diff(a, b) < 1e-10);
+        }
+    }
 
     /// The forward-convolution backward gives candle's gradients for 1x1 and 3x3 kernels, strides 1
     /// and 2, non-square inputs, and a loss that weights every output differently.

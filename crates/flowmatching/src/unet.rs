@@ -330,9 +330,8 @@ impl UNet {
 
     fn res_block(&self, name: &str, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
         let h = self.norm_silu(&format!("{name}.norm1"), x)?;
-        let h = self.conv(&format!("{name}.conv1"), &h, 1)?;
         let e = self.linear(&format!("{name}.emb"), &emb.silu()?)?;
-        let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
+        let h = self.w.conv_plus(&format!("{name}.conv1"), &h, 1, &e)?;
         let h = self.norm_silu(&format!("{name}.norm2"), &h)?;
         let h = self.conv(&format!("{name}.conv2"), &h, 1)?;
         let skip = if self.w.contains(&format!("{name}.skip.weight")) {
