@@ -92,6 +92,19 @@ pub(crate) fn slice<'a, T: WithDType>(
     }
 }
 
+/// f on the values of a CPU tensor of type T, read in place (copied only if not contiguous).
+pub(crate) fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => Ok(f(slice(s, layout)?)),
+        _ => candle_core::bail!("the CPU kernels need tensors on the CPU"),
+    }
+}
+
 /// A tensor's values as a contiguous host vector of T (converted from the tensor's dtype if it differs).
 pub(crate) fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()

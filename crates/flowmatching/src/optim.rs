@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::linalg::{for_each_chunk, host};
+use crate::linalg::{for_each_chunk, host, with_slice};
 use crate::model::Params;
 
 /// AdamW hyper-parameters (PyTorch's defaults but for the learning rate).
@@ -107,6 +107,9 @@ pub struct AdamW {
     pub config: AdamWConfig,
     m: Tensor,
     v: Tensor,
+    /// The moments as host vectors, updated in place by the fused CPU step; while set, they are the
+    /// current moments and `m`, `v` are stale (see [`AdamW::moments`]).
+    host: Option<(Vec<f32>, Vec<f32>)>,
     /// Number of updates taken (k above).
     pub steps: u64,
 }
@@ -119,7 +122,22 @@ impl AdamW {
             config,
             m: theta.zeros_like()?,
             v: theta.zeros_like()?,
+            host: None,
             steps: 0,
+        })
+    }
+
+    /// The current first and second moments as flat tensors.
+    fn moments(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.host {
+            Some((m, v)) => {
+                let dev = self.m.device();
+                (
+                    Tensor::from_slice(m, m.len(), dev)?,
+                    Tensor::from_slice(v, v.len(), dev)?,
+                )
+            }
+            None => (self.m.clone(), self.v.clone()),
         })
     }
 
@@ -149,6 +167,8 @@ impl AdamW {
 
     /// The update as candle operations (any device; on a GPU each is one kernel over the flat vector).
     fn step_ops(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
+        (self.m, self.v) = self.moments()?;
+        self.host = None;
         let c = self.config;
         let (bc1, bc2) = self.corrections();
         self.m = (self.m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
@@ -169,57 +189,63 @@ impl AdamW {
     /// The same update on the CPU in f32 as one pass over (m, v, theta, g), chunks in parallel on
     /// candle's pool: the dozen candle operations above each allocate and sweep the whole vector, most
     /// of them on one thread. Same operations in the same order as [`AdamW::step_ops`], so the same bits.
+    /// The moments stay in host vectors between steps, and the gradient is read in place.
     fn step_host(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
+        const CHUNK: usize = 1 << 15;
         let c = self.config;
         let (bc1, bc2) = self.corrections();
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
         let (inv_bc2, step, eps) = ((1.0 / bc2) as f32, (lr / bc1) as f32, c.eps as f32);
         let decay = (c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32);
-        let mut m = host::<f32>(&self.m)?;
-        let mut v = host::<f32>(&self.v)?;
-        let g = host::<f32>(g)?;
-        let mut theta = host::<f32>(&flatten_params(params)?)?;
-        if g.len() != theta.len() {
+        if self.host.is_none() {
+            self.host = Some((host::<f32>(&self.m)?, host::<f32>(&self.v)?));
+        }
+        let Some((m, v)) = self.host.as_mut() else {
+            unreachable!("set above")
+        };
+        let mut theta = Vec::with_capacity(m.len());
+        for var in params.vars() {
+            with_slice::<f32, _>(var.as_tensor(), |s| theta.extend_from_slice(s))?;
+        }
+        if theta.len() != m.len() || g.elem_count() != m.len() {
             return Err(Error::Config(format!(
-                "{} gradient values for {} parameters",
-                g.len(),
+                "{} gradient values and {} moments for {} parameters",
+                g.elem_count(),
+                m.len(),
                 theta.len()
             )));
         }
-        const CHUNK: usize = 1 << 15;
-        let mut parts: Vec<_> = theta
-            .chunks_mut(CHUNK)
-            .zip(m.chunks_mut(CHUNK))
-            .zip(v.chunks_mut(CHUNK))
-            .zip(g.chunks(CHUNK))
-            .map(|(((th, m), v), g)| (th, m, v, g))
-            .collect();
-        for_each_chunk(&mut parts, 1, |_, part| {
-            for (th, m, v, &g) in part.iter_mut().flat_map(|(th, m, v, g)| {
-                th.iter_mut()
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                    .zip(g.iter())
-                    .map(|(((th, m), v), g)| (th, m, v, g))
-            }) {
-                *m = *m * b1 + g * a1;
-                *v = *v * b2 + g * g * a2;
-                let denom = (*v * inv_bc2).sqrt() + eps;
-                let update = *m * step / denom;
-                let kept = match decay {
-                    Some(d) => *th * d,
-                    None => *th,
-                };
-                *th = kept - update;
-            }
-        });
-        drop(parts);
-        let dev = self.m.device().clone();
+        with_slice::<f32, _>(g, |g| {
+            let mut parts: Vec<_> = theta
+                .chunks_mut(CHUNK)
+                .zip(m.chunks_mut(CHUNK))
+                .zip(v.chunks_mut(CHUNK))
+                .zip(g.chunks(CHUNK))
+                .map(|(((th, m), v), g)| (th, m, v, g))
+                .collect();
+            for_each_chunk(&mut parts, 1, |_, part| {
+                for (th, m, v, &g) in part.iter_mut().flat_map(|(th, m, v, g)| {
+                    th.iter_mut()
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(g.iter())
+                        .map(|(((th, m), v), g)| (th, m, v, g))
+                }) {
+                    *m = *m * b1 + g * a1;
+                    *v = *v * b2 + g * g * a2;
+                    let denom = (*v * inv_bc2).sqrt() + eps;
+                    let update = *m * step / denom;
+                    let kept = match decay {
+                        Some(d) => *th * d,
+                        None => *th,
+                    };
+                    *th = kept - update;
+                }
+            });
+        })?;
         let n = theta.len();
-        self.m = Tensor::from_vec(m, n, &dev)?;
-        self.v = Tensor::from_vec(v, n, &dev)?;
-        let theta = Tensor::from_vec(theta, n, &dev)?;
+        let theta = Tensor::from_vec(theta, n, self.m.device())?;
         set_params(params, &theta)?;
         Ok(theta)
     }
@@ -227,7 +253,8 @@ impl AdamW {
     /// Moments for checkpoints, named `adam.m.<param>` and `adam.v.<param>`.
     pub fn state(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
-        let (m, v) = (unflatten(&self.m, params)?, unflatten(&self.v, params)?);
+        let (m, v) = self.moments()?;
+        let (m, v) = (unflatten(&m, params)?, unflatten(&v, params)?);
         for ((name, _), (m, v)) in params.iter().zip(m.into_iter().zip(v)) {
             out.push((format!("adam.m.{name}"), m));
             out.push((format!("adam.v.{name}"), v));
@@ -260,6 +287,7 @@ impl AdamW {
         };
         self.m = flatten(&named("adam.m.")?)?;
         self.v = flatten(&named("adam.v.")?)?;
+        self.host = None;
         self.steps = steps;
         Ok(())
     }
@@ -429,7 +457,7 @@ mod tests {
     }
 
     /// The fused f32 CPU update gives the same bits as the candle-op update, step after step, with weight
-    /// decay, on a vector longer than one of its parallel chunks.
+    /// decay, on a vector longer than one of its parallel chunks; the saved state matches too.
     #[test]
     fn host_update_matches_candle_ops() {
         let cfg = ModelConfig::Mlp(MlpConfig {
@@ -451,23 +479,38 @@ mod tests {
         };
         let (mut a, mut b) = (AdamW::new(&pa, c).unwrap(), AdamW::new(&pb, c).unwrap());
         let mut rng = Rng::new(5);
-        for _ in 0..3 {
+        // a: the fused step, but for one candle-op step in the middle (the moments move between the two)
+        for i in 0..5 {
             let g = Tensor::from_vec(rng.normal_vec(pa.count()), pa.count(), &Device::Cpu).unwrap();
             a.steps += 1;
             b.steps += 1;
-            let ta = a.step_host(&pa, &g, 0.01).unwrap();
+            let ta = if i == 3 {
+                a.step_ops(&pa, &g, 0.01).unwrap()
+            } else {
+                a.step_host(&pa, &g, 0.01).unwrap()
+            };
             let tb = b.step_ops(&pb, &g, 0.01).unwrap();
             let (ta, tb): (Vec<f32>, Vec<f32>) = (ta.to_vec1().unwrap(), tb.to_vec1().unwrap());
             assert_eq!(ta, tb);
-            let (ma, mb): (Vec<f32>, Vec<f32>) = (a.m.to_vec1().unwrap(), b.m.to_vec1().unwrap());
-            assert_eq!(ma, mb);
-            let (va, vb): (Vec<f32>, Vec<f32>) = (a.v.to_vec1().unwrap(), b.v.to_vec1().unwrap());
-            assert_eq!(va, vb);
+            let ((ma, va), (mb, vb)) = (a.moments().unwrap(), b.moments().unwrap());
+            for (x, y) in [(ma, mb), (va, vb)] {
+                let (x, y): (Vec<f32>, Vec<f32>) = (x.to_vec1().unwrap(), y.to_vec1().unwrap());
+                assert_eq!(x, y);
+            }
         }
         // and the parameters themselves were written
         let flat: Vec<f32> = flatten_params(&pa).unwrap().to_vec1().unwrap();
         let theta: Vec<f32> = flatten_params(&pb).unwrap().to_vec1().unwrap();
         assert_eq!(flat, theta);
+        let (sa, sb) = (a.state(&pa).unwrap(), b.state(&pb).unwrap());
+        for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
+            assert_eq!(na, nb);
+            let (ta, tb): (Vec<f32>, Vec<f32>) = (
+                ta.flatten_all().unwrap().to_vec1().unwrap(),
+                tb.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(ta, tb);
+        }
     }
 
     #[test]
