@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 
 use crate::error::{Error, Result};
-use crate::linalg::{for_each_chunk, host, matmul, slice, View};
+use crate::linalg::{for_each_chunk, matmul, slice, with_slice, View};
 
 /// Whether [`conv2d`] takes `x`: f32 or f64 on the CPU.
 pub fn supports(x: &Tensor) -> bool {
@@ -223,7 +223,11 @@ impl Geometry {
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let per_image = b.rank() == 2;
-        let (dx, dw, db) = self.backward::<T>(&host(x)?, &host(w)?, &host(g)?, per_image);
+        let (dx, dw, db) = with_slice(x, |x| {
+            with_slice(w, |w| {
+                with_slice(g, |g| self.backward::<T>(x, w, g, per_image))
+            })
+        })???;
         let dev = x.device();
         Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,

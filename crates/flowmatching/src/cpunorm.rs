@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 use crate::error::{Error, Result};
-use crate::linalg::{exp_f32, for_each_chunk, host, multiversion, slice};
+use crate::linalg::{exp_f32, for_each_chunk, multiversion, slice, with_slice};
 
 /// The variance offset, as in PyTorch's GroupNorm.
 pub const EPS: f64 = 1e-5;
@@ -272,13 +272,14 @@ impl GroupNorm {
         beta: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Vec<f64>, Vec<f64>)> {
-        let (dx, dg, db) = self.backward::<T>(
-            x.shape(),
-            &host(x)?,
-            &host(gamma)?,
-            &host(beta)?,
-            &host(dy)?,
-        );
+        let xs = x.shape();
+        let (dx, dg, db) = with_slice(x, |x| {
+            with_slice(gamma, |gamma| {
+                with_slice(beta, |beta| {
+                    with_slice(dy, |dy| self.backward::<T>(xs, x, gamma, beta, dy))
+                })
+            })
+        })????;
         Ok((Tensor::from_vec(dx, x.shape(), x.device())?, dg, db))
     }
 

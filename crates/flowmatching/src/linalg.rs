@@ -92,12 +92,14 @@ pub(crate) fn slice<'a, T: WithDType>(
     }
 }
 
-/// f on the values of a CPU tensor of type T, read in place (copied only if not contiguous).
+/// f on the values of a CPU tensor as T, read in place (copied only if not contiguous or not of type T).
+/// Calls may nest (several tensors read at once): each holds a read lock on its tensor's storage, which
+/// nothing writes while candle runs an op's forward or backward.
 pub(crate) fn with_slice<T: WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> R,
 ) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
+    let t = t.to_dtype(T::DTYPE)?.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(s) => Ok(f(slice(s, layout)?)),
