@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
 
 use crate::error::Result;
-use crate::linalg::{for_each_chunk, host, slice};
+use crate::linalg::{for_each_chunk, slice, with_slice};
 
 /// Nearest-neighbour 2x upsampling of x (N, C, H, W) to (N, C, 2H, 2W).
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
@@ -99,12 +99,12 @@ impl CustomOp1 for Upsample2x {
         let (_, _, h, w) = x.dims4()?;
         let dx = match x.dtype() {
             DType::F32 => Tensor::from_vec(
-                Self::backward(&host::<f32>(dy)?, h, w),
+                with_slice(dy, |dy| Self::backward::<f32>(dy, h, w))?,
                 x.shape(),
                 x.device(),
             ),
             DType::F64 => Tensor::from_vec(
-                Self::backward(&host::<f64>(dy)?, h, w),
+                with_slice(dy, |dy| Self::backward::<f64>(dy, h, w))?,
                 x.shape(),
                 x.device(),
             ),
