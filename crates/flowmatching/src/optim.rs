@@ -102,7 +102,6 @@ pub fn unflatten(flat: &Tensor, params: &Params) -> Result<Vec<Tensor>> {
 /// ```
 ///
 /// The moments are kept as flat vectors over all parameters (see [`flatten`]).
-#[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
     m: Tensor,
@@ -112,6 +111,18 @@ pub struct AdamW {
     host: Option<(Vec<f32>, Vec<f32>)>,
     /// Number of updates taken (k above).
     pub steps: u64,
+}
+
+impl std::fmt::Debug for AdamW {
+    /// The configuration and step count (not a million moment values).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .field("parameters", &self.m.elem_count())
+            .field("moments_on_host", &self.host.is_some())
+            .field("steps", &self.steps)
+            .finish()
+    }
 }
 
 impl AdamW {
