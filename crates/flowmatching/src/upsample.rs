@@ -14,7 +14,7 @@ use crate::linalg::{for_each_chunk, slice, with_slice};
 /// Nearest-neighbour 2x upsampling of x (N, C, H, W) to (N, C, 2H, 2W).
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    if crate::cpuconv::supports(x) {
+    if crate::cpuconv::supports(x) && x.elem_count() > 0 {
         return Ok(x.contiguous()?.apply_op1(Upsample2x)?);
     }
     upsample2x_broadcast(x)
@@ -159,5 +159,7 @@ mod tests {
     fn only_four_dimensional_input() {
         let x = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(upsample2x(&x).is_err());
+        let empty = Tensor::zeros((0, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(upsample2x(&empty).unwrap().dims(), &[0, 3, 8, 8]);
     }
 }
