@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 
 use crate::error::{Error, Result};
-use crate::linalg::{for_each_chunk, matmul, slice, with_slice, View};
+use crate::linalg::{matmul, slice, with_slice, zeroed_by_chunks, View};
 
 /// Whether [`conv2d`] takes `x`: f32 or f64 on the CPU.
 pub fn supports(x: &Tensor) -> bool {
@@ -184,7 +184,6 @@ impl Geometry {
     fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (rows, cols) = self.col_dims();
         let (by_image, par) = self.parallelism();
-        let mut y = vec![T::zero(); self.n * self.co * cols];
         let image = |n: usize, yn: &mut [T]| {
             T::with_col(rows * cols, |col| {
                 self.im2col(
@@ -205,11 +204,11 @@ impl Geometry {
         };
         let per = self.co * cols;
         if by_image {
-            for_each_chunk(&mut y, per, image);
-        } else {
-            for (n, yn) in y.chunks_exact_mut(per).enumerate() {
-                image(n, yn);
-            }
+            return zeroed_by_chunks(self.n * per, per, image).0;
+        }
+        let mut y = vec![T::zero(); self.n * per];
+        for (n, yn) in y.chunks_exact_mut(per).enumerate() {
+            image(n, yn);
         }
         y
     }
@@ -247,7 +246,7 @@ impl Geometry {
         let (rows, cols) = self.col_dims();
         let (by_image, par) = self.parallelism();
         let img = self.c * self.h * self.w;
-        let mut dx = vec![T::zero(); self.n * img];
+
         // Each image's (dw, db) contributions; summed after.
         let image = |n: usize, dxn: &mut [T]| -> (Vec<T>, Vec<T>) {
             let gn = &g[n * self.co * cols..(n + 1) * self.co * cols];
@@ -281,13 +280,16 @@ impl Geometry {
             (dw, db)
         };
         // Collected in image order, so the sums below do not depend on the threads' timing.
-        let parts: Vec<(Vec<T>, Vec<T>)> = if by_image {
-            for_each_chunk(&mut dx, img, image)
+        let (dx, parts) = if by_image {
+            zeroed_by_chunks(self.n * img, img, image)
         } else {
-            dx.chunks_exact_mut(img)
+            let mut dx = vec![T::zero(); self.n * img];
+            let parts: Vec<(Vec<T>, Vec<T>)> = dx
+                .chunks_exact_mut(img)
                 .enumerate()
                 .map(|(n, dxn)| image(n, dxn))
-                .collect()
+                .collect();
+            (dx, parts)
         };
         let mut dw = vec![T::zero(); self.co * rows];
         let mut db = vec![T::zero(); if per_image { self.n * self.co } else { self.co }];

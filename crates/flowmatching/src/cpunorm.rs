@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 use crate::error::{Error, Result};
-use crate::linalg::{exp_f32, for_each_chunk, multiversion, slice, with_slice};
+use crate::linalg::{exp_f32, multiversion, slice, with_slice, zeroed_by_chunks};
 
 /// The variance offset, as in PyTorch's GroupNorm.
 pub const EPS: f64 = 1e-5;
@@ -255,13 +255,12 @@ impl GroupNorm {
 
     fn forward<T: Real>(&self, shape: &Shape, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
         let (cg, hw) = self.sizes(shape).expect("checked 4-D");
-        let mut y = vec![T::zero(); x.len()];
         let m = cg * hw;
-        for_each_chunk(&mut y, m, |i, yg| {
+        zeroed_by_chunks(x.len(), m, |i, yg| {
             let xg = &x[i * m..(i + 1) * m];
             T::forward_group(&self.group(i, xg, gamma, beta, hw), yg)
-        });
-        y
+        })
+        .0
     }
 
     /// [`GroupNorm::backward`] from tensors (dx as a tensor; dgamma and dbeta in f64).
@@ -293,11 +292,10 @@ impl GroupNorm {
         dy: &[T],
     ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
         let (cg, hw) = self.sizes(shape).expect("checked 4-D");
-        let mut dx = vec![T::zero(); x.len()];
         // Per group: its channels' (dgamma, dbeta) contributions, summed over images after (in image
         // order, so the result does not depend on the threads' timing).
         let m = cg * hw;
-        let parts: Vec<(Vec<f64>, Vec<f64>)> = for_each_chunk(&mut dx, m, |i, dxg| {
+        let (dx, parts) = zeroed_by_chunks(x.len(), m, |i, dxg| {
             let (xg, dyg) = (&x[i * m..(i + 1) * m], &dy[i * m..(i + 1) * m]);
             let (mut dg, mut db) = (vec![0.0; cg], vec![0.0; cg]);
             T::backward_group(

@@ -144,6 +144,30 @@ pub(crate) fn for_each_chunk<T: Send, R: Send>(
         .collect()
 }
 
+/// A vector of `len` zeros, then f(i, chunk_i) on its chunks of `size` values as [`for_each_chunk`]
+/// runs them. Each chunk is zeroed by the thread that runs f on it, just before: a fresh `vec![0; len]`
+/// is zeroed (or page-faulted) by the calling thread alone, a serial pass over every op's output.
+pub(crate) fn zeroed_by_chunks<T: WithDType, R: Send>(
+    len: usize,
+    size: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    let results = for_each_chunk(&mut v.spare_capacity_mut()[..len], size, |i, chunk| {
+        for x in chunk.iter_mut() {
+            x.write(T::zero());
+        }
+        // SAFETY: every element of the chunk was initialised just above, and MaybeUninit<T> has the
+        // layout of T.
+        let chunk = unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        f(i, chunk)
+    });
+    // SAFETY: for_each_chunk ran the closure on every chunk (it panics otherwise, before this line), and
+    // the chunks cover the first `len` elements, each initialised above.
+    unsafe { v.set_len(len) };
+    (v, results)
+}
+
 /// e^x for f32, vectorisable: range reduction x = n ln2 + r, a degree-6 polynomial for e^r, 2^n by
 /// exponent bits. Relative error about 2e-7 on the clamped range [-87, 88].
 #[inline(always)]
@@ -214,6 +238,34 @@ mod tests {
             .enumerate()
             .all(|(k, &(i, n))| i == k && n == if k < 10 { 10 } else { 3 }));
         assert!(data.iter().enumerate().all(|(j, &v)| v == j / 10 + 1));
+    }
+
+    /// Every chunk starts as zeros, sees its own index, and the results come back in order; an empty
+    /// length gives an empty vector.
+    #[test]
+    fn zeroed_by_chunks_starts_from_zeros() {
+        let (v, out) = zeroed_by_chunks::<f32, _>(103, 10, |i, c| {
+            let was_zero = c.iter().all(|&x| x == 0.0);
+            c[0] = i as f32 + 1.0;
+            (i, c.len(), was_zero)
+        });
+        assert_eq!(v.len(), 103);
+        assert_eq!(out.len(), 11);
+        for (k, &(i, n, was_zero)) in out.iter().enumerate() {
+            assert!(i == k && n == if k < 10 { 10 } else { 3 } && was_zero);
+        }
+        for (j, &x) in v.iter().enumerate() {
+            assert_eq!(
+                x,
+                if j % 10 == 0 {
+                    (j / 10 + 1) as f32
+                } else {
+                    0.0
+                }
+            );
+        }
+        let (empty, none) = zeroed_by_chunks::<f64, _>(0, 4, |_, _| ());
+        assert!(empty.is_empty() && none.is_empty());
     }
 
     #[test]

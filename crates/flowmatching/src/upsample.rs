@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
 
 use crate::error::Result;
-use crate::linalg::{for_each_chunk, slice, with_slice};
+use crate::linalg::{slice, with_slice, zeroed_by_chunks};
 
 /// Nearest-neighbour 2x upsampling of x (N, C, H, W) to (N, C, 2H, 2W).
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
@@ -38,9 +38,8 @@ impl Upsample2x {
     /// y (planes x 2H x 2W) from x (planes x H x W).
     fn forward<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
         let plane = h * w;
-        let mut y = vec![T::zero(); 4 * x.len()];
         let per = (CHUNK / (4 * plane)).max(1);
-        for_each_chunk(&mut y, per * 4 * plane, |i, chunk| {
+        let (y, _) = zeroed_by_chunks(4 * x.len(), per * 4 * plane, |i, chunk| {
             for (p, yp) in chunk.chunks_exact_mut(4 * plane).enumerate() {
                 let xp = &x[(i * per + p) * plane..][..plane];
                 for (row, out) in xp.chunks_exact(w).zip(yp.chunks_exact_mut(4 * w)) {
@@ -59,9 +58,8 @@ impl Upsample2x {
     /// dx (planes x H x W) from dy (planes x 2H x 2W): the sum of each 2x2 block.
     fn backward<T: WithDType>(dy: &[T], h: usize, w: usize) -> Vec<T> {
         let plane = h * w;
-        let mut dx = vec![T::zero(); dy.len() / 4];
         let per = (CHUNK / (4 * plane)).max(1);
-        for_each_chunk(&mut dx, per * plane, |i, chunk| {
+        let (dx, _) = zeroed_by_chunks(dy.len() / 4, per * plane, |i, chunk| {
             for (p, dxp) in chunk.chunks_exact_mut(plane).enumerate() {
                 let dyp = &dy[(i * per + p) * 4 * plane..][..4 * plane];
                 for (out, rows) in dxp.chunks_exact_mut(w).zip(dyp.chunks_exact(4 * w)) {
