@@ -4,17 +4,19 @@
 //! For image n with input x_n (C x H x W), kernel W (C_out x C k^2), padding p = k/2 and stride s, the
 //! column matrix col_n (C k^2 x H' W') holds col_n[(c, dy, dx), (i, j)] = x_n[c, s i + dy - p, s j + dx - p]
 //! (zero outside the image). Then
-//! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW),
+//! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW; at stride 1 without
+//!   building col_n: one product per kernel tap on a shifted view of the zero-padded image, see
+//!   `Geometry::forward_shifted`),
 //! - backward: dW = sum_n g_n col_n^T, db = sum_n sum_(i,j) g_n, dx_n = col2im(W^T g_n),
-//!
-//! The bias b is per channel (C_out), or per image and channel (N x C_out): then db_n = sum_(i,j) g_n.
-//! A per-image bias takes in an addend that is constant over each image (the U-Net's time embedding)
-//! without a separate broadcast add, whose backward candle runs as a reduction over the whole activation.
 //!
 //! where col2im adds each column entry back onto the pixel it was read from. Built from candle ops the same
 //! convolution took a padded copy, nine window copies, a concatenation and two layout changes forward, and
 //! as many backward; here each image's column matrix (C k^2 x H' W', a few MB at most) is built once forward
 //! and once backward and stays in cache. Images run in parallel on candle's CPU thread pool.
+//!
+//! The bias b is per channel (C_out), or per image and channel (N x C_out): then db_n = sum_(i,j) g_n.
+//! A per-image bias takes in an addend that is constant over each image (the U-Net's time embedding)
+//! without a separate broadcast add, whose backward candle runs as a reduction over the whole activation.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
@@ -181,10 +183,72 @@ impl Geometry {
         }
     }
 
+    /// Stride 1 without a column matrix: on the zero-padded image (C x H+2p x W+2p, flattened), the
+    /// input of kernel tap (dy, dx) for output pixel (i, j) sits at (i + dy)(W+2p) + j + dx, i.e. at the
+    /// output's own padded-width index q = i (W+2p) + j shifted by dy (W+2p) + dx. So y_pad (C_out x
+    /// H (W+2p)) = sum over the k^2 taps of W[:, :, dy, dx] times the padded image shifted by that
+    /// offset, each a plain strided matrix product; the columns j >= W are discarded.
+    fn forward_shifted<T: ColScratch>(
+        &self,
+        xn: &[T],
+        w: &[T],
+        bias: &[T],
+        yn: &mut [T],
+        par: Parallelism,
+    ) {
+        let (k, p) = (self.k, self.k / 2);
+        let (hp, wp) = (self.h + 2 * p, self.w + 2 * p);
+        let (plane, q) = (hp * wp, self.h * wp);
+        let pad_len = self.c * plane + 2 * p;
+        T::with_col(pad_len + self.co * q, |buf| {
+            let (pad, ypad) = buf.split_at_mut(pad_len);
+            pad.fill(T::zero());
+            for (src, dst) in xn
+                .chunks_exact(self.h * self.w)
+                .zip(pad.chunks_exact_mut(plane))
+            {
+                for (row, out) in src
+                    .chunks_exact(self.w)
+                    .zip(dst[p * wp..].chunks_exact_mut(wp))
+                {
+                    out[p..p + self.w].copy_from_slice(row);
+                }
+            }
+            for (row, &bv) in ypad.chunks_exact_mut(q).zip(bias) {
+                row.fill(bv);
+            }
+            for dy in 0..k {
+                for dx in 0..k {
+                    let wv = View::strided(w, dy * k + dx, self.c * k * k, k * k);
+                    let xv = View::strided(pad, dy * wp + dx, plane, 1);
+                    matmul(ypad, (self.co, q, self.c), true, wv, xv, par);
+                }
+            }
+            for (src, dst) in ypad
+                .chunks_exact(q)
+                .zip(yn.chunks_exact_mut(self.h * self.w))
+            {
+                for (row, out) in src.chunks_exact(wp).zip(dst.chunks_exact_mut(self.w)) {
+                    out.copy_from_slice(&row[..self.w]);
+                }
+            }
+        });
+    }
+
     fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (rows, cols) = self.col_dims();
+        let shifted = self.stride == 1;
         let (by_image, par) = self.parallelism();
         let image = |n: usize, yn: &mut [T]| {
+            if shifted {
+                let bias = if b.len() == self.co {
+                    b
+                } else {
+                    &b[n * self.co..(n + 1) * self.co]
+                };
+                let img = self.c * self.h * self.w;
+                return self.forward_shifted(&x[n * img..(n + 1) * img], w, bias, yn, par);
+            }
             T::with_col(rows * cols, |col| {
                 self.im2col(
                     &x[n * self.c * self.h * self.w..][..self.c * self.h * self.w],

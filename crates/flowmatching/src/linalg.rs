@@ -23,6 +23,15 @@ impl<'a, T> View<'a, T> {
         }
     }
 
+    /// A general strided view starting at `offset`: element (i, j) at offset + i rs + j cs.
+    pub(crate) fn strided(data: &'a [T], offset: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data: &data[offset..],
+            cs: cs as isize,
+            rs: rs as isize,
+        }
+    }
+
     /// The transpose of that matrix.
     pub(crate) fn transposed(data: &'a [T], cols: usize) -> Self {
         Self {
