@@ -239,26 +239,19 @@ impl Geometry {
         let (rows, cols) = self.col_dims();
         let shifted = self.stride == 1;
         let (by_image, par) = self.parallelism();
+        let img = self.c * self.h * self.w;
         let image = |n: usize, yn: &mut [T]| {
+            let xn = &x[n * img..(n + 1) * img];
+            let bias = if b.len() == self.co {
+                b
+            } else {
+                &b[n * self.co..(n + 1) * self.co]
+            };
             if shifted {
-                let bias = if b.len() == self.co {
-                    b
-                } else {
-                    &b[n * self.co..(n + 1) * self.co]
-                };
-                let img = self.c * self.h * self.w;
-                return self.forward_shifted(&x[n * img..(n + 1) * img], w, bias, yn, par);
+                return self.forward_shifted(xn, w, bias, yn, par);
             }
             T::with_col(rows * cols, |col| {
-                self.im2col(
-                    &x[n * self.c * self.h * self.w..][..self.c * self.h * self.w],
-                    col,
-                );
-                let bias = if b.len() == self.co {
-                    b
-                } else {
-                    &b[n * self.co..(n + 1) * self.co]
-                };
+                self.im2col(xn, col);
                 for (row, &bias) in yn.chunks_exact_mut(cols).zip(bias) {
                     row.fill(bias);
                 }
