@@ -257,8 +257,8 @@ pub enum Workload {
     B5Step,
     /// U-Net sampling: --batch images, midpoint 20 steps (B5 uses 128).
     B5Sample,
-    /// The U-Net's pieces at B5 shapes: convolutions (im2col and candle's) and GroupNorm, forward and
-    /// forward + backward; one JSON line each.
+    /// The --unet preset's pieces (B5 shapes for small): each level's 3x3 convolution (ours, candle's,
+    /// GEMM backward) and the whole network, forward and forward + backward; one JSON line each.
     UnetParts,
 }
 
@@ -282,7 +282,7 @@ pub struct BenchArgs {
     /// Where to run: the CPU, or the first CUDA GPU (needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// The U-Net of the b5-step and b5-sample workloads (B5 itself is `small`).
+    /// The U-Net of the b5-step, b5-sample and unet-parts workloads (B5 itself is `small`).
     #[arg(long, value_enum, default_value = "small")]
     pub unet: UNetPreset,
     /// rtol = atol of the Dopri5 solves in b3-dopri5 and b4 (the workloads' own setting is 1e-5).

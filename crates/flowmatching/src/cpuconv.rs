@@ -4,15 +4,18 @@
 //! For image n with input x_n (C x H x W), kernel W (C_out x C k^2), padding p = k/2 and stride s, the
 //! column matrix col_n (C k^2 x H' W') holds col_n[(c, dy, dx), (i, j)] = x_n[c, s i + dy - p, s j + dx - p]
 //! (zero outside the image). Then
-//! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW; at stride 1 without
-//!   building col_n: one product per kernel tap on a shifted view of the zero-padded image, see
-//!   `Geometry::forward_shifted`),
+//! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW),
 //! - backward: dW = sum_n g_n col_n^T, db = sum_n sum_(i,j) g_n, dx_n = col2im(W^T g_n),
 //!
 //! where col2im adds each column entry back onto the pixel it was read from. Built from candle ops the same
 //! convolution took a padded copy, nine window copies, a concatenation and two layout changes forward, and
 //! as many backward; here each image's column matrix (C k^2 x H' W', a few MB at most) is built once forward
 //! and once backward and stays in cache. Images run in parallel on candle's CPU thread pool.
+//!
+//! At stride 1 the forward, and the backward on images wide enough, build no column matrix: each is one
+//! product per kernel tap on a shifted view of the zero-padded image (forward and dW) or of the
+//! zero-padded g_n (dx: a convolution with the flipped kernel); see `Geometry::shifted_products` and
+//! `Geometry::backward_shifted`.
 //!
 //! The bias b is per channel (C_out), or per image and channel (N x C_out): then db_n = sum_(i,j) g_n.
 //! A per-image bias takes in an addend that is constant over each image (the U-Net's time embedding)
@@ -183,11 +186,91 @@ impl Geometry {
         }
     }
 
-    /// Stride 1 without a column matrix: on the zero-padded image (C x H+2p x W+2p, flattened), the
-    /// input of kernel tap (dy, dx) for output pixel (i, j) sits at (i + dy)(W+2p) + j + dx, i.e. at the
-    /// output's own padded-width index q = i (W+2p) + j shifted by dy (W+2p) + dx. So y_pad (C_out x
-    /// H (W+2p)) = sum over the k^2 taps of W[:, :, dy, dx] times the padded image shifted by that
-    /// offset, each a plain strided matrix product; the columns j >= W are discarded.
+    /// Row length of the padded layout ([`Geometry::pad_planes`]): W + p.
+    fn padded_width(&self) -> usize {
+        self.w + self.k / 2
+    }
+
+    /// Values per plane of the padded layout: (H + 2p) rows of W + p.
+    fn padded_plane(&self) -> usize {
+        (self.h + 2 * (self.k / 2)) * self.padded_width()
+    }
+
+    /// Length of [`Geometry::pad_planes`]'s output for `channels` planes.
+    fn padded_len(&self, channels: usize) -> usize {
+        channels * self.padded_plane() + 2 * (self.k / 2)
+    }
+
+    /// dst = the planes of `src` (H x W each) zero-padded for a same-size k x k convolution, p = k/2:
+    /// p zeros, then per plane p rows of zeros, the H image rows each followed by p zeros, p rows of
+    /// zeros (rows of W + p), then p zeros. A row needs only p zeros on one side: flattened, the p zeros
+    /// after one row are also the ones before the next. Only the zeros are written besides the copy.
+    fn pad_planes<T: WithDType>(&self, src: &[T], dst: &mut [T]) {
+        let p = self.k / 2;
+        let (h, w, wp, plane) = (self.h, self.w, self.padded_width(), self.padded_plane());
+        let planes = src.len() / (h * w);
+        dst[..p].fill(T::zero());
+        for (s, d) in src
+            .chunks_exact(h * w)
+            .zip(dst[p..].chunks_exact_mut(plane))
+        {
+            d[..p * wp].fill(T::zero());
+            for (i, row) in s.chunks_exact(w).enumerate() {
+                let at = (p + i) * wp;
+                d[at..at + w].copy_from_slice(row);
+                d[at + w..at + wp].fill(T::zero());
+            }
+            d[(p + h) * wp..].fill(T::zero());
+        }
+        dst[p + planes * plane..].fill(T::zero());
+    }
+
+    /// Stride 1 without a column matrix: in the padded layout `pad` ([`Geometry::pad_planes`]), the
+    /// input of kernel tap (dy, dx) for output pixel (i, j) sits at (i + dy)(W+p) + j + dx, i.e. at the
+    /// output's own padded-width index q = i (W+p) + j shifted by dy (W+p) + dx. So
+    /// ypad (C_out x H (W+p)) += sum over the k^2 taps of W_tap (C_out x C, from `tap_weight`) times the
+    /// padded image shifted by that offset, each a plain strided matrix product; the columns j >= W are
+    /// left for [`Geometry::unpad_columns`] to drop.
+    fn shifted_products<'w, T: WithDType>(
+        &self,
+        pad: &[T],
+        tap_weight: impl Fn(usize) -> View<'w, T>,
+        ypad: &mut [T],
+        par: Parallelism,
+    ) {
+        let (k, wp, plane) = (self.k, self.padded_width(), self.padded_plane());
+        for dy in 0..k {
+            for dx in 0..k {
+                let xv = View::strided(pad, dy * wp + dx, plane, 1);
+                let dims = (self.co, self.h * wp, self.c);
+                matmul(ypad, dims, true, tap_weight(dy * k + dx), xv, par);
+            }
+        }
+    }
+
+    /// dst (planes of H x W) = the first W columns of each padded-width row of `src` (H x (W+p) planes).
+    fn unpad_columns<T: WithDType>(&self, src: &[T], dst: &mut [T]) {
+        let wp = self.padded_width();
+        for (s, d) in src
+            .chunks_exact(self.h * wp)
+            .zip(dst.chunks_exact_mut(self.h * self.w))
+        {
+            for (row, out) in s.chunks_exact(wp).zip(d.chunks_exact_mut(self.w)) {
+                out.copy_from_slice(&row[..self.w]);
+            }
+        }
+    }
+
+    /// Whether the backward runs as shifted products ([`Geometry::backward_shifted`]) rather than
+    /// through column matrices: at stride 1 on images at least 8p wide. The shifted products also
+    /// multiply the p padding columns of every row, 1/8 more work or less from that width on, which
+    /// their not building column matrices more than pays for; on narrower images (the U-Net's 7 x 7
+    /// level) the columns were as fast or faster (`bench unet-parts`, tiny and small presets).
+    fn shifted_backward_pays(&self) -> bool {
+        self.stride == 1 && self.w >= 8 * (self.k / 2)
+    }
+
+    /// The stride-1 forward of one image: pad, bias, [`Geometry::shifted_products`], unpad.
     fn forward_shifted<T: ColScratch>(
         &self,
         xn: &[T],
@@ -196,43 +279,66 @@ impl Geometry {
         yn: &mut [T],
         par: Parallelism,
     ) {
-        let (k, p) = (self.k, self.k / 2);
-        let (hp, wp) = (self.h + 2 * p, self.w + 2 * p);
-        let (plane, q) = (hp * wp, self.h * wp);
-        let pad_len = self.c * plane + 2 * p;
+        let kk = self.k * self.k;
+        let q = self.h * self.padded_width();
+        let pad_len = self.padded_len(self.c);
         T::with_col(pad_len + self.co * q, |buf| {
             let (pad, ypad) = buf.split_at_mut(pad_len);
-            pad.fill(T::zero());
-            for (src, dst) in xn
-                .chunks_exact(self.h * self.w)
-                .zip(pad.chunks_exact_mut(plane))
-            {
-                for (row, out) in src
-                    .chunks_exact(self.w)
-                    .zip(dst[p * wp..].chunks_exact_mut(wp))
-                {
-                    out[p..p + self.w].copy_from_slice(row);
-                }
-            }
+            self.pad_planes(xn, pad);
             for (row, &bv) in ypad.chunks_exact_mut(q).zip(bias) {
                 row.fill(bv);
             }
-            for dy in 0..k {
-                for dx in 0..k {
-                    let wv = View::strided(w, dy * k + dx, self.c * k * k, k * k);
-                    let xv = View::strided(pad, dy * wp + dx, plane, 1);
-                    matmul(ypad, (self.co, q, self.c), true, wv, xv, par);
-                }
-            }
-            for (src, dst) in ypad
-                .chunks_exact(q)
-                .zip(yn.chunks_exact_mut(self.h * self.w))
-            {
-                for (row, out) in src.chunks_exact(wp).zip(dst.chunks_exact_mut(self.w)) {
-                    out.copy_from_slice(&row[..self.w]);
-                }
+            // W_tap[o, c] = w[o, c, tap]
+            let tap_weight = |tap| View::strided(w, tap, self.c * kk, kk);
+            self.shifted_products(pad, tap_weight, ypad, par);
+            self.unpad_columns(ypad, yn);
+        });
+    }
+
+    /// The stride-1 backward of one image without column matrices. With g_n padded like an input:
+    /// - dx_n is the same-padded convolution of g_n with the kernel flipped in space and transposed in
+    ///   channels, dx_n[c] = sum_(o, tap) w[o, c, k^2 - 1 - tap] g_n[o] shifted by the tap: the forward's
+    ///   shifted products with C and C_out swapped;
+    /// - dW_tap (C_out x C) = g_n (C_out x H (W+p), at the padded width, zeros in the columns j >= W)
+    ///   times the padded input shifted by the tap, transposed. The padded g_n read from its first image
+    ///   row on is exactly that.
+    ///
+    /// Writes dx_n and returns dW tap-major (k^2 x C_out x C).
+    fn backward_shifted<T: ColScratch>(
+        &self,
+        xn: &[T],
+        w: &[T],
+        gn: &[T],
+        dxn: &mut [T],
+        par: Parallelism,
+    ) -> Vec<T> {
+        let (k, p, kk) = (self.k, self.k / 2, self.k * self.k);
+        let (wp, plane) = (self.padded_width(), self.padded_plane());
+        let q = self.h * wp;
+        let swapped = Geometry {
+            c: self.co,
+            co: self.c,
+            ..*self
+        };
+        let (xlen, glen) = (self.padded_len(self.c), self.padded_len(self.co));
+        let mut dw = vec![T::zero(); kk * self.co * self.c];
+        T::with_col(xlen + glen + self.c * q, |buf| {
+            let (xpad, rest) = buf.split_at_mut(xlen);
+            let (gpad, dxpad) = rest.split_at_mut(glen);
+            self.pad_planes(xn, xpad);
+            swapped.pad_planes(gn, gpad);
+            dxpad.fill(T::zero());
+            // W^T_tap[c, o] = w[o, c, k^2 - 1 - tap]
+            let flipped = |tap| View::strided(w, kk - 1 - tap, kk, self.c * kk);
+            swapped.shifted_products(gpad, flipped, dxpad, par);
+            self.unpad_columns(dxpad, dxn);
+            let gv = View::strided(gpad, p * wp + p, plane, 1);
+            for (tap, dwt) in dw.chunks_exact_mut(self.co * self.c).enumerate() {
+                let xt = View::strided(xpad, tap / k * wp + tap % k, 1, plane);
+                matmul(dwt, (self.co, self.c, q), false, gv, xt, par);
             }
         });
+        dw
     }
 
     fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
@@ -304,32 +410,16 @@ impl Geometry {
         let (by_image, par) = self.parallelism();
         let img = self.c * self.h * self.w;
 
-        // Each image's (dw, db) contributions; summed after.
+        // Each image's (dw, db) contributions; summed after. At stride 1, dw comes tap-major.
+        let shifted = self.shifted_backward_pays();
         let image = |n: usize, dxn: &mut [T]| -> (Vec<T>, Vec<T>) {
             let gn = &g[n * self.co * cols..(n + 1) * self.co * cols];
-            let mut dw = vec![T::zero(); self.co * rows];
-            T::with_col(rows * cols, |col| {
-                self.im2col(&x[n * img..(n + 1) * img], col);
-                let cv = View::transposed(col, cols);
-                matmul(
-                    &mut dw,
-                    (self.co, rows, cols),
-                    false,
-                    View::rows(gn, cols),
-                    cv,
-                    par,
-                );
-                let wt = View::transposed(w, rows);
-                matmul(
-                    col,
-                    (rows, cols, self.co),
-                    false,
-                    wt,
-                    View::rows(gn, cols),
-                    par,
-                );
-                self.col2im(col, dxn);
-            });
+            let xn = &x[n * img..(n + 1) * img];
+            let dw = if shifted {
+                self.backward_shifted(xn, w, gn, dxn, par)
+            } else {
+                self.backward_columns(xn, w, gn, dxn, par)
+            };
             let db = gn
                 .chunks_exact(cols)
                 .map(|r| r.iter().fold(T::zero(), |a, &v| a + v))
@@ -359,7 +449,54 @@ impl Geometry {
             };
             dbn.iter_mut().zip(&pb).for_each(|(a, &v)| *a += v);
         }
+        if shifted {
+            // (k^2 x C_out x C) -> (C_out x C x k^2)
+            let (kk, co, c) = (self.k * self.k, self.co, self.c);
+            let mut out = vec![T::zero(); dw.len()];
+            for (i, v) in dw.into_iter().enumerate() {
+                let (tap, o, ch) = (i / (co * c), i / c % co, i % c);
+                out[(o * c + ch) * kk + tap] = v;
+            }
+            dw = out;
+        }
         (dx, dw, db)
+    }
+
+    /// The backward of one image through its column matrix (any stride): dW_n = g_n col_n^T, and
+    /// dx_n = col2im(W^T g_n).
+    fn backward_columns<T: ColScratch>(
+        &self,
+        xn: &[T],
+        w: &[T],
+        gn: &[T],
+        dxn: &mut [T],
+        par: Parallelism,
+    ) -> Vec<T> {
+        let (rows, cols) = self.col_dims();
+        let mut dw = vec![T::zero(); self.co * rows];
+        T::with_col(rows * cols, |col| {
+            self.im2col(xn, col);
+            let cv = View::transposed(col, cols);
+            matmul(
+                &mut dw,
+                (self.co, rows, cols),
+                false,
+                View::rows(gn, cols),
+                cv,
+                par,
+            );
+            let wt = View::transposed(w, rows);
+            matmul(
+                col,
+                (rows, cols, self.co),
+                false,
+                wt,
+                View::rows(gn, cols),
+                par,
+            );
+            self.col2im(col, dxn);
+        });
+        dw
     }
 }
 
@@ -465,6 +602,10 @@ mod tests {
             (3, 1, 2, 1, 1),
             (3, 2, 2, 2, 2),
             (5, 1, 1, 2, 3),
+            // wide enough for the shifted backward
+            (3, 1, 2, 5, 9),
+            (3, 1, 4, 9, 8),
+            (5, 1, 1, 3, 16),
         ];
         // a bias per channel, or per image and channel
         for ((k, stride, n, h, wd), per_image) in
@@ -500,6 +641,54 @@ mod tests {
                     d < 1e-10,
                     "k {k} stride {stride} n {n} per-image bias {per_image}: gradient differs by {d}"
                 );
+            }
+        }
+    }
+
+    /// The two stride-1 backward forms agree image by image, on widths either side of the switch
+    /// between them and on images smaller than the kernel.
+    #[test]
+    fn shifted_backward_matches_column_backward() {
+        let mut rng = crate::rng::Rng::new(7);
+        for (k, c, co, h, w) in [
+            (3, 3, 5, 6, 4),
+            (3, 2, 4, 1, 1),
+            (3, 4, 2, 5, 9),
+            (5, 3, 2, 3, 16),
+            (1, 3, 4, 2, 3),
+        ] {
+            let geo = Geometry {
+                n: 1,
+                c,
+                h,
+                w,
+                co,
+                k,
+                stride: 1,
+                ho: h,
+                wo: w,
+            };
+            let normal = |rng: &mut crate::rng::Rng, len| {
+                (0..len).map(|_| rng.normal()).collect::<Vec<f64>>()
+            };
+            let (x, wt, g) = (
+                normal(&mut rng, c * h * w),
+                normal(&mut rng, co * c * k * k),
+                normal(&mut rng, co * h * w),
+            );
+            let (mut dx_s, mut dx_c) = (vec![0.0; c * h * w], vec![0.0; c * h * w]);
+            let dw_s = geo.backward_shifted(&x, &wt, &g, &mut dx_s, Parallelism::None);
+            let dw_c = geo.backward_columns(&x, &wt, &g, &mut dx_c, Parallelism::None);
+            let kk = k * k;
+            for (i, &v) in dw_s.iter().enumerate() {
+                let (tap, o, ch) = (i / (co * c), i / c % co, i % c);
+                assert!(
+                    (v - dw_c[(o * c + ch) * kk + tap]).abs() < 1e-12,
+                    "dw, k {k} {h}x{w}"
+                );
+            }
+            for (a, b) in dx_s.iter().zip(&dx_c) {
+                assert!((a - b).abs() < 1e-12, "dx, k {k} {h}x{w}");
             }
         }
     }

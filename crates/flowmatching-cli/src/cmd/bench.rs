@@ -75,12 +75,17 @@ pub fn train_config(
 }
 
 /// B5: the small U-Net on Fashion-MNIST-shaped data, as `train --data fashion-mnist` builds it.
-fn unet_config(batch: usize, preset: UNetPreset) -> RunConfig {
-    let mut c = train_config(64, 1, batch, Activation::Silu);
-    c.model = ModelConfig::UNet(match preset {
+/// The preset's U-Net at the Fashion-MNIST shape with 10 classes.
+fn unet_preset(preset: UNetPreset) -> UNetConfig {
+    match preset {
         UNetPreset::Small => UNetConfig::small(1, 28, 28, 10),
         UNetPreset::Tiny => UNetConfig::tiny(1, 28, 28, 10),
-    });
+    }
+}
+
+fn unet_config(batch: usize, preset: UNetPreset) -> RunConfig {
+    let mut c = train_config(64, 1, batch, Activation::Silu);
+    c.model = ModelConfig::UNet(unet_preset(preset));
     c.train.label_dropout = 0.1;
     c
 }
@@ -95,7 +100,7 @@ fn fake_images(n: usize) -> Result<TensorDataset> {
         .with_image_shape([1, 28, 28])?)
 }
 
-/// Per-piece timings of the U-Net at B5 shapes (batch --batch).
+/// Per-piece timings of the --unet preset (batch --batch).
 fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
     use flowmatching::layers::conv2d_gemm_backward;
     let b = a.batch;
@@ -113,7 +118,15 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
         println!("{}", serde_json::to_string(&t)?.replace("impl_", "impl"));
         Ok(())
     };
-    for (c_in, c_out, hw) in [(64, 64, 28), (128, 64, 28), (128, 128, 14), (128, 128, 7)] {
+    let cfg = unet_preset(a.unet);
+    // Each level's 3x3 convolution at its size, and the first level's decoder one (skip concatenated):
+    // for the small preset (64, 64, 28), (128, 64, 28), (128, 128, 14), (128, 128, 7).
+    let level = |i: usize| (cfg.base_channels * cfg.channel_mults[i], cfg.height >> i);
+    let mut shapes: Vec<(usize, usize, usize)> = (0..cfg.channel_mults.len())
+        .map(|i| (level(i).0, level(i).0, level(i).1))
+        .collect();
+    shapes.insert(1, (2 * level(0).0, level(0).0, level(0).1));
+    for (c_in, c_out, hw) in shapes {
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c_in, hw, hw), dev)?)?;
         let w = candle_core::Var::from_tensor(
             &(Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), dev)? * 0.05)?,
@@ -148,7 +161,7 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
             )?;
         }
     }
-    let cfg = UNetConfig::small(1, 28, 28, 10);
+    let preset = format!("{:?}", a.unet).to_lowercase();
     let (model, params) = ModelConfig::UNet(cfg).build(&mut Rng::new(0), dev, DType::F32)?;
     let x = Tensor::randn(0f32, 1.0, (b, 784), dev)?;
     let t = Tensor::rand(0f32, 1.0, b, dev)?;
@@ -163,7 +176,7 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
             Ok(None)
         })?;
         let pass = if backward { "fwd+bwd" } else { "fwd" };
-        report(format!("unet-small-b{b}-{pass}"), times)?;
+        report(format!("unet-{preset}-b{b}-{pass}"), times)?;
     }
     Ok(())
 }
