@@ -1,5 +1,5 @@
-//! The U-Net's convolution on the CPU as one candle op with its own backward: im2col per image and one
-//! matrix product per image and direction, on host buffers.
+//! The U-Net's convolution on the CPU as one candle op with its own backward: a few matrix products per
+//! group of images and direction, on host buffers.
 //!
 //! For image n with input x_n (C x H x W), kernel W (C_out x C k^2), padding p = k/2 and stride s, the
 //! column matrix col_n (C k^2 x H' W') holds col_n[(c, dy, dx), (i, j)] = x_n[c, s i + dy - p, s j + dx - p]
@@ -7,15 +7,14 @@
 //! - forward:  y_n = W col_n + b                      (C_out x H' W', already NCHW),
 //! - backward: dW = sum_n g_n col_n^T, db = sum_n sum_(i,j) g_n, dx_n = col2im(W^T g_n),
 //!
-//! where col2im adds each column entry back onto the pixel it was read from. Built from candle ops the same
-//! convolution took a padded copy, nine window copies, a concatenation and two layout changes forward, and
-//! as many backward; here each image's column matrix (C k^2 x H' W', a few MB at most) is built once forward
-//! and once backward and stays in cache. Images run in parallel on candle's CPU thread pool.
-//!
-//! At stride 1 the forward, and the backward on images wide enough, build no column matrix: each is one
-//! product per kernel tap on a shifted view of the zero-padded image (forward and dW) or of the
-//! zero-padded g_n (dx: a convolution with the flipped kernel); see `Geometry::shifted_products` and
-//! `Geometry::backward_shifted`.
+//! where col2im adds each column entry back onto the pixel it was read from. That is how strided
+//! convolutions run, image by image. At stride 1 (all but the U-Net's downsampling) no column matrix is
+//! built: a stack of images is zero-padded once, and each direction is one product per kernel tap on a
+//! shifted view of it (forward and dW) or of the padded g (dx: a convolution with the flipped kernel),
+//! covering every image of the stack at once; see `Geometry::shifted_products` and
+//! `Geometry::backward_stack`. Built from candle ops the same convolution took a padded copy, nine window
+//! copies, a concatenation and two layout changes forward, and as many backward. Groups of images run in
+//! parallel on candle's CPU thread pool.
 //!
 //! The bias b is per channel (C_out), or per image and channel (N x C_out): then db_n = sum_(i,j) g_n.
 //! A per-image bias takes in an addend that is constant over each image (the U-Net's time embedding)
@@ -176,182 +175,242 @@ impl Geometry {
         }
     }
 
-    /// Images in parallel when there are enough of them, else one at a time with threaded products.
-    fn parallelism(&self) -> (bool, Parallelism) {
+    /// How images are grouped: `size` images per group (a group's convolution is one set of matrix
+    /// products), groups in parallel on candle's pool when there are at least as many images as threads
+    /// (each group's products then single-threaded), else one group at a time with threaded products.
+    ///
+    /// Strided convolutions go through column matrices image by image. At stride 1 a group is a stack
+    /// of images ([`Geometry::pad_stack`]) of up to ~4096 output positions: small images (the U-Net's
+    /// 14 x 14 and 7 x 7 levels) then make products of a useful size, where one image alone made
+    /// products too thin for the matrix kernel (7 x 7: 56 columns).
+    fn grouping(&self) -> (usize, Parallelism) {
         let threads = rayon::current_num_threads();
-        if self.n >= threads {
-            (true, Parallelism::None)
+        let cap = if self.stride == 1 {
+            let p = self.k / 2;
+            (4096 / ((self.h + p) * self.padded_width())).max(1)
         } else {
-            (false, Parallelism::Rayon(threads))
+            1
+        };
+        if self.n >= threads {
+            (cap.min(self.n.div_ceil(threads)), Parallelism::None)
+        } else {
+            (cap.min(self.n), Parallelism::Rayon(threads))
         }
     }
 
-    /// Row length of the padded layout ([`Geometry::pad_planes`]): W + p.
+    /// f(group index, chunk) on the chunks of a zeroed vector of `self.n * per_image` values, one chunk
+    /// per group of [`Geometry::grouping`]: in parallel or one after the other. Results in group order.
+    fn by_groups<T: WithDType, R: Send>(
+        &self,
+        per_image: usize,
+        f: impl Fn(usize, &mut [T], Parallelism) -> R + Sync,
+    ) -> (Vec<T>, Vec<R>) {
+        let (size, par) = self.grouping();
+        let chunk = size * per_image;
+        if matches!(par, Parallelism::None) {
+            return zeroed_by_chunks(self.n * per_image, chunk, |i, c| f(i, c, par));
+        }
+        let mut out = vec![T::zero(); self.n * per_image];
+        let results = out
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, c)| f(i, c, par))
+            .collect();
+        (out, results)
+    }
+
+    /// Row length of the padded layout ([`Geometry::pad_stack`]): W + p.
     fn padded_width(&self) -> usize {
         self.w + self.k / 2
     }
 
-    /// Values per plane of the padded layout: (H + 2p) rows of W + p.
-    fn padded_plane(&self) -> usize {
-        (self.h + 2 * (self.k / 2)) * self.padded_width()
-    }
-
-    /// Length of [`Geometry::pad_planes`]'s output for `channels` planes.
-    fn padded_len(&self, channels: usize) -> usize {
-        channels * self.padded_plane() + 2 * (self.k / 2)
-    }
-
-    /// dst = the planes of `src` (H x W each) zero-padded for a same-size k x k convolution, p = k/2:
-    /// p zeros, then per plane p rows of zeros, the H image rows each followed by p zeros, p rows of
-    /// zeros (rows of W + p), then p zeros. A row needs only p zeros on one side: flattened, the p zeros
-    /// after one row are also the ones before the next. Only the zeros are written besides the copy.
-    fn pad_planes<T: WithDType>(&self, src: &[T], dst: &mut [T]) {
+    /// Values of one channel's stack of `images` padded images: p rows of zeros, then per image its H
+    /// rows and p rows of zeros, each row W + p long.
+    fn stack_len(&self, images: usize) -> usize {
         let p = self.k / 2;
-        let (h, w, wp, plane) = (self.h, self.w, self.padded_width(), self.padded_plane());
-        let planes = src.len() / (h * w);
+        (p + images * (self.h + p)) * self.padded_width()
+    }
+
+    /// Length of [`Geometry::pad_stack`]'s output for `channels` channels of `images` images.
+    fn padded_len(&self, channels: usize, images: usize) -> usize {
+        channels * self.stack_len(images) + 2 * (self.k / 2)
+    }
+
+    /// Output positions of a stack's shifted products: the rows from the first image's first to the last
+    /// image's last (the p zero rows between images included), W + p each.
+    fn stack_outputs(&self, images: usize) -> usize {
+        let p = self.k / 2;
+        (images * (self.h + p) - p) * self.padded_width()
+    }
+
+    /// dst = `src` (images x channels x H x W) zero-padded for a same-size k x k convolution, p = k/2,
+    /// channel-major: p zeros, then per channel the stack of [`Geometry::stack_len`], then p zeros.
+    /// A row needs only p zeros on one side and an image only p zero rows: flattened, the zeros after
+    /// one row (image) are also the ones before the next. Only the zeros are written besides the copy.
+    fn pad_stack<T: WithDType>(&self, src: &[T], channels: usize, dst: &mut [T]) {
+        let p = self.k / 2;
+        let (h, w, wp) = (self.h, self.w, self.padded_width());
+        let plane = h * w;
+        let images = src.len() / (channels * plane);
+        let stack = self.stack_len(images);
         dst[..p].fill(T::zero());
-        for (s, d) in src
-            .chunks_exact(h * w)
-            .zip(dst[p..].chunks_exact_mut(plane))
+        for (ch, d) in dst[p..p + channels * stack]
+            .chunks_exact_mut(stack)
+            .enumerate()
         {
             d[..p * wp].fill(T::zero());
-            for (i, row) in s.chunks_exact(w).enumerate() {
-                let at = (p + i) * wp;
-                d[at..at + w].copy_from_slice(row);
-                d[at + w..at + wp].fill(T::zero());
+            for img in 0..images {
+                let s = &src[(img * channels + ch) * plane..][..plane];
+                let d = &mut d[(p + img * (h + p)) * wp..][..(h + p) * wp];
+                for (row, out) in s.chunks_exact(w).zip(d.chunks_exact_mut(wp)) {
+                    out[..w].copy_from_slice(row);
+                    out[w..].fill(T::zero());
+                }
+                d[h * wp..].fill(T::zero());
             }
-            d[(p + h) * wp..].fill(T::zero());
         }
-        dst[p + planes * plane..].fill(T::zero());
+        dst[p + channels * stack..].fill(T::zero());
     }
 
-    /// Stride 1 without a column matrix: in the padded layout `pad` ([`Geometry::pad_planes`]), the
-    /// input of kernel tap (dy, dx) for output pixel (i, j) sits at (i + dy)(W+p) + j + dx, i.e. at the
-    /// output's own padded-width index q = i (W+p) + j shifted by dy (W+p) + dx. So
-    /// ypad (C_out x H (W+p)) += sum over the k^2 taps of W_tap (C_out x C, from `tap_weight`) times the
-    /// padded image shifted by that offset, each a plain strided matrix product; the columns j >= W are
-    /// left for [`Geometry::unpad_columns`] to drop.
+    /// dst (images x channels x H x W) = the image pixels of `src` (channels x [`Geometry::stack_outputs`]).
+    fn unpad_stack<T: WithDType>(&self, src: &[T], channels: usize, dst: &mut [T]) {
+        let (p, wp, plane) = (self.k / 2, self.padded_width(), self.h * self.w);
+        let images = dst.len() / (channels * plane);
+        let outputs = self.stack_outputs(images);
+        for (ch, s) in src.chunks_exact(outputs).enumerate() {
+            for img in 0..images {
+                let s = &s[img * (self.h + p) * wp..];
+                let d = &mut dst[(img * channels + ch) * plane..][..plane];
+                for (row, out) in s.chunks(wp).zip(d.chunks_exact_mut(self.w)) {
+                    out.copy_from_slice(&row[..self.w]);
+                }
+            }
+        }
+    }
+
+    /// Stride 1 without a column matrix: in the padded stack `pad` ([`Geometry::pad_stack`]), the
+    /// input of kernel tap (dy, dx) for output pixel (i, j) of an image sits at (i + dy)(W+p) + j + dx
+    /// from that image's first output row, i.e. at the output's own padded-width index q shifted by
+    /// dy (W+p) + dx. So ypad (C_out x [`Geometry::stack_outputs`]) += sum over the k^2 taps of W_tap
+    /// (C_out x C, from `tap_weight`) times the padded stack shifted by that offset, each one plain
+    /// strided matrix product for all the stack's images; the padding positions are left for
+    /// [`Geometry::unpad_stack`] to drop.
     fn shifted_products<'w, T: WithDType>(
         &self,
         pad: &[T],
+        images: usize,
         tap_weight: impl Fn(usize) -> View<'w, T>,
         ypad: &mut [T],
         par: Parallelism,
     ) {
-        let (k, wp, plane) = (self.k, self.padded_width(), self.padded_plane());
+        let (k, wp, stack) = (self.k, self.padded_width(), self.stack_len(images));
+        let dims = (self.co, self.stack_outputs(images), self.c);
         for dy in 0..k {
             for dx in 0..k {
-                let xv = View::strided(pad, dy * wp + dx, plane, 1);
-                let dims = (self.co, self.h * wp, self.c);
+                let xv = View::strided(pad, dy * wp + dx, stack, 1);
                 matmul(ypad, dims, true, tap_weight(dy * k + dx), xv, par);
             }
         }
     }
 
-    /// dst (planes of H x W) = the first W columns of each padded-width row of `src` (H x (W+p) planes).
-    fn unpad_columns<T: WithDType>(&self, src: &[T], dst: &mut [T]) {
-        let wp = self.padded_width();
-        for (s, d) in src
-            .chunks_exact(self.h * wp)
-            .zip(dst.chunks_exact_mut(self.h * self.w))
-        {
-            for (row, out) in s.chunks_exact(wp).zip(d.chunks_exact_mut(self.w)) {
-                out.copy_from_slice(&row[..self.w]);
-            }
-        }
-    }
-
-    /// Whether the backward runs as shifted products ([`Geometry::backward_shifted`]) rather than
-    /// through column matrices: at stride 1 on images at least 8p wide. The shifted products also
-    /// multiply the p padding columns of every row, 1/8 more work or less from that width on, which
-    /// their not building column matrices more than pays for; on narrower images (the U-Net's 7 x 7
-    /// level) the columns were as fast or faster (`bench unet-parts`, tiny and small presets).
-    fn shifted_backward_pays(&self) -> bool {
-        self.stride == 1 && self.w >= 8 * (self.k / 2)
-    }
-
-    /// Whether the shifted backward computes dW_tap^T = X_tap g_n^T (C x C_out) rather than dW_tap: when
+    /// Whether the shifted backward computes dW_tap^T = X_tap g^T (C x C_out) rather than dW_tap: when
     /// C > C_out, so that the matrix kernel's long side (its 64-row tiles) runs over the larger count
     /// (the 64 -> 32 decoder convolution of the tiny U-Net: dW 12% faster, `bench unet-parts`).
     fn dw_transposed(&self) -> bool {
         self.c > self.co
     }
 
-    /// The stride-1 forward of one image: pad, bias, [`Geometry::shifted_products`], unpad.
-    fn forward_shifted<T: ColScratch>(
+    /// The stride-1 forward of a group of images: pad, bias, [`Geometry::shifted_products`], unpad.
+    /// `bias` is per channel (C_out) or per image of the group.
+    fn forward_stack<T: ColScratch>(
         &self,
-        xn: &[T],
+        xg: &[T],
         w: &[T],
         bias: &[T],
-        yn: &mut [T],
+        yg: &mut [T],
         par: Parallelism,
     ) {
-        let kk = self.k * self.k;
-        let q = self.h * self.padded_width();
-        let pad_len = self.padded_len(self.c);
+        let (p, kk, wp) = (self.k / 2, self.k * self.k, self.padded_width());
+        let images = xg.len() / (self.c * self.h * self.w);
+        let q = self.stack_outputs(images);
+        let pad_len = self.padded_len(self.c, images);
         T::with_col(pad_len + self.co * q, |buf| {
             let (pad, ypad) = buf.split_at_mut(pad_len);
-            self.pad_planes(xn, pad);
-            for (row, &bv) in ypad.chunks_exact_mut(q).zip(bias) {
-                row.fill(bv);
+            self.pad_stack(xg, self.c, pad);
+            for (o, row) in ypad.chunks_exact_mut(q).enumerate() {
+                for (img, rows) in row.chunks_mut((self.h + p) * wp).enumerate() {
+                    let b = if bias.len() == self.co {
+                        bias[o]
+                    } else {
+                        bias[img * self.co + o]
+                    };
+                    rows.fill(b);
+                }
             }
             // W_tap[o, c] = w[o, c, tap]
             let tap_weight = |tap| View::strided(w, tap, self.c * kk, kk);
-            self.shifted_products(pad, tap_weight, ypad, par);
-            self.unpad_columns(ypad, yn);
+            self.shifted_products(pad, images, tap_weight, ypad, par);
+            self.unpad_stack(ypad, self.co, yg);
         });
     }
 
-    /// The stride-1 backward of one image without column matrices. With g_n padded like an input:
-    /// - dx_n is the same-padded convolution of g_n with the kernel flipped in space and transposed in
-    ///   channels, dx_n[c] = sum_(o, tap) w[o, c, k^2 - 1 - tap] g_n[o] shifted by the tap: the forward's
+    /// The stride-1 backward of a group of images without column matrices. With g padded like an input:
+    /// - dx is the same-padded convolution of g with the kernel flipped in space and transposed in
+    ///   channels, dx[c] = sum_(o, tap) w[o, c, k^2 - 1 - tap] g[o] shifted by the tap: the forward's
     ///   shifted products with C and C_out swapped;
-    /// - dW_tap (C_out x C) = g_n (C_out x H (W+p), at the padded width, zeros in the columns j >= W)
-    ///   times the padded input shifted by the tap, transposed. The padded g_n read from its first image
-    ///   row on is exactly that.
+    /// - dW_tap (C_out x C) = g (C_out x [`Geometry::stack_outputs`], zeros at the padding positions)
+    ///   times the padded input shifted by the tap, transposed: summed over the group's images by the
+    ///   product itself. The padded g read from its first image row on is exactly that.
     ///
-    /// Writes dx_n and returns dW tap-major: (k^2 x C_out x C), or (k^2 x C x C_out) when
+    /// Writes dx and returns dW tap-major: (k^2 x C_out x C), or (k^2 x C x C_out) when
     /// [`Geometry::dw_transposed`].
-    fn backward_shifted<T: ColScratch>(
+    fn backward_stack<T: ColScratch>(
         &self,
-        xn: &[T],
+        xg: &[T],
         w: &[T],
-        gn: &[T],
-        dxn: &mut [T],
+        gg: &[T],
+        dxg: &mut [T],
         par: Parallelism,
     ) -> Vec<T> {
         let (k, p, kk) = (self.k, self.k / 2, self.k * self.k);
-        let (wp, plane) = (self.padded_width(), self.padded_plane());
-        let q = self.h * wp;
+        let images = xg.len() / (self.c * self.h * self.w);
+        let (wp, stack, q) = (
+            self.padded_width(),
+            self.stack_len(images),
+            self.stack_outputs(images),
+        );
         let swapped = Geometry {
             c: self.co,
             co: self.c,
             ..*self
         };
-        let (xlen, glen) = (self.padded_len(self.c), self.padded_len(self.co));
+        let (xlen, glen) = (
+            self.padded_len(self.c, images),
+            self.padded_len(self.co, images),
+        );
         let mut dw = vec![T::zero(); kk * self.co * self.c];
         let transposed = self.dw_transposed();
         T::with_col(xlen + glen + self.c * q, |buf| {
             let (xpad, rest) = buf.split_at_mut(xlen);
             let (gpad, dxpad) = rest.split_at_mut(glen);
-            self.pad_planes(xn, xpad);
-            swapped.pad_planes(gn, gpad);
+            self.pad_stack(xg, self.c, xpad);
+            self.pad_stack(gg, self.co, gpad);
             dxpad.fill(T::zero());
             // W^T_tap[c, o] = w[o, c, k^2 - 1 - tap]
             let flipped = |tap| View::strided(w, kk - 1 - tap, kk, self.c * kk);
-            swapped.shifted_products(gpad, flipped, dxpad, par);
-            self.unpad_columns(dxpad, dxn);
-            // g_n from its first image row on; as (C_out x q) rows or (q x C_out) columns
+            swapped.shifted_products(gpad, images, flipped, dxpad, par);
+            self.unpad_stack(dxpad, self.c, dxg);
+            // g from its first image row on; as (C_out x q) rows or (q x C_out) columns
             let g_at = p * wp + p;
             for (tap, dwt) in dw.chunks_exact_mut(self.co * self.c).enumerate() {
                 let x_at = tap / k * wp + tap % k;
                 if transposed {
-                    let xv = View::strided(xpad, x_at, plane, 1);
-                    let gv = View::strided(gpad, g_at, 1, plane);
+                    let xv = View::strided(xpad, x_at, stack, 1);
+                    let gv = View::strided(gpad, g_at, 1, stack);
                     matmul(dwt, (self.c, self.co, q), false, xv, gv, par);
                 } else {
-                    let gv = View::strided(gpad, g_at, plane, 1);
-                    let xv = View::strided(xpad, x_at, 1, plane);
+                    let gv = View::strided(gpad, g_at, stack, 1);
+                    let xv = View::strided(xpad, x_at, 1, stack);
                     matmul(dwt, (self.co, self.c, q), false, gv, xv, par);
                 }
             }
@@ -361,37 +420,35 @@ impl Geometry {
 
     fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (rows, cols) = self.col_dims();
-        let shifted = self.stride == 1;
-        let (by_image, par) = self.parallelism();
         let img = self.c * self.h * self.w;
-        let image = |n: usize, yn: &mut [T]| {
-            let xn = &x[n * img..(n + 1) * img];
-            let bias = if b.len() == self.co {
-                b
-            } else {
-                &b[n * self.co..(n + 1) * self.co]
-            };
-            if shifted {
-                return self.forward_shifted(xn, w, bias, yn, par);
-            }
-            T::with_col(rows * cols, |col| {
-                self.im2col(xn, col);
-                for (row, &bias) in yn.chunks_exact_mut(cols).zip(bias) {
-                    row.fill(bias);
-                }
-                let (wv, cv) = (View::rows(w, rows), View::rows(col, cols));
-                matmul(yn, (self.co, cols, rows), true, wv, cv, par);
-            });
-        };
         let per = self.co * cols;
-        if by_image {
-            return zeroed_by_chunks(self.n * per, per, image).0;
-        }
-        let mut y = vec![T::zero(); self.n * per];
-        for (n, yn) in y.chunks_exact_mut(per).enumerate() {
-            image(n, yn);
-        }
-        y
+        let (size, _) = self.grouping();
+        let group = |gi: usize, yg: &mut [T], par: Parallelism| {
+            let n0 = gi * size;
+            let images = yg.len() / per;
+            let bias = |n: usize, count: usize| {
+                if b.len() == self.co {
+                    b
+                } else {
+                    &b[n * self.co..(n + count) * self.co]
+                }
+            };
+            if self.stride == 1 {
+                let xg = &x[n0 * img..(n0 + images) * img];
+                return self.forward_stack(xg, w, bias(n0, images), yg, par);
+            }
+            for (i, yn) in yg.chunks_exact_mut(per).enumerate() {
+                T::with_col(rows * cols, |col| {
+                    self.im2col(&x[(n0 + i) * img..(n0 + i + 1) * img], col);
+                    for (row, &bias) in yn.chunks_exact_mut(cols).zip(bias(n0 + i, 1)) {
+                        row.fill(bias);
+                    }
+                    let (wv, cv) = (View::rows(w, rows), View::rows(col, cols));
+                    matmul(yn, (self.co, cols, rows), true, wv, cv, par);
+                });
+            }
+        };
+        self.by_groups(per, group).0
     }
 
     /// [`Geometry::backward`] from and to tensors.
@@ -425,47 +482,46 @@ impl Geometry {
         per_image: bool,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (rows, cols) = self.col_dims();
-        let (by_image, par) = self.parallelism();
         let img = self.c * self.h * self.w;
-
-        // Each image's (dw, db) contributions; summed after. At stride 1, dw comes tap-major.
-        let shifted = self.shifted_backward_pays();
-        let image = |n: usize, dxn: &mut [T]| -> (Vec<T>, Vec<T>) {
-            let gn = &g[n * self.co * cols..(n + 1) * self.co * cols];
-            let xn = &x[n * img..(n + 1) * img];
+        let out = self.co * cols;
+        let (size, _) = self.grouping();
+        let shifted = self.stride == 1;
+        // Each group's dw (tap-major when shifted) and its images' db; summed after.
+        let group = |gi: usize, dxg: &mut [T], par: Parallelism| -> (Vec<T>, Vec<T>) {
+            let n0 = gi * size;
+            let images = dxg.len() / img;
+            let gg = &g[n0 * out..(n0 + images) * out];
             let dw = if shifted {
-                self.backward_shifted(xn, w, gn, dxn, par)
+                self.backward_stack(&x[n0 * img..(n0 + images) * img], w, gg, dxg, par)
             } else {
-                self.backward_columns(xn, w, gn, dxn, par)
+                let mut dw = vec![T::zero(); self.co * rows];
+                for (i, dxn) in dxg.chunks_exact_mut(img).enumerate() {
+                    let (xn, gn) = (&x[(n0 + i) * img..][..img], &gg[i * out..][..out]);
+                    let dwn = self.backward_columns(xn, w, gn, dxn, par);
+                    dw.iter_mut().zip(&dwn).for_each(|(a, &v)| *a += v);
+                }
+                dw
             };
-            let db = gn
+            let db = gg
                 .chunks_exact(cols)
                 .map(|r| r.iter().fold(T::zero(), |a, &v| a + v))
                 .collect();
             (dw, db)
         };
-        // Collected in image order, so the sums below do not depend on the threads' timing.
-        let (dx, parts) = if by_image {
-            zeroed_by_chunks(self.n * img, img, image)
-        } else {
-            let mut dx = vec![T::zero(); self.n * img];
-            let parts: Vec<(Vec<T>, Vec<T>)> = dx
-                .chunks_exact_mut(img)
-                .enumerate()
-                .map(|(n, dxn)| image(n, dxn))
-                .collect();
-            (dx, parts)
-        };
+        // Collected in group order, so the sums below do not depend on the threads' timing.
+        let (dx, parts) = self.by_groups(img, group);
         let mut dw = vec![T::zero(); self.co * rows];
-        let mut db = vec![T::zero(); if per_image { self.n * self.co } else { self.co }];
-        for (n, (pw, pb)) in parts.into_iter().enumerate() {
+        let mut db = Vec::with_capacity(self.n * self.co);
+        for (pw, pb) in parts {
             dw.iter_mut().zip(&pw).for_each(|(a, &v)| *a += v);
-            let dbn = if per_image {
-                &mut db[n * self.co..(n + 1) * self.co]
-            } else {
-                &mut db[..]
-            };
-            dbn.iter_mut().zip(&pb).for_each(|(a, &v)| *a += v);
+            db.extend(pb);
+        }
+        if !per_image {
+            let mut sum = vec![T::zero(); self.co];
+            for dbn in db.chunks_exact(self.co) {
+                sum.iter_mut().zip(dbn).for_each(|(a, &v)| *a += v);
+            }
+            db = sum;
         }
         if shifted {
             dw = self.untangle_taps(&dw);
@@ -473,17 +529,27 @@ impl Geometry {
         (dx, dw, db)
     }
 
-    /// dW as (C_out x C x k^2) from [`Geometry::backward_shifted`]'s tap-major layout.
+    /// dW as (C_out x C x k^2) from [`Geometry::backward_stack`]'s tap-major layout. Nested loops, no
+    /// index arithmetic by division: a division per element cost about as much as the products at 7 x 7.
     fn untangle_taps<T: WithDType>(&self, tap_major: &[T]) -> Vec<T> {
         let (kk, co, c) = (self.k * self.k, self.co, self.c);
         let mut out = vec![T::zero(); tap_major.len()];
-        for (i, &v) in tap_major.iter().enumerate() {
-            let (tap, o, ch) = if self.dw_transposed() {
-                (i / (co * c), i % co, i / co % c)
+        for (tap, block) in tap_major.chunks_exact(co * c).enumerate() {
+            if self.dw_transposed() {
+                // block[ch][o]
+                for (ch, row) in block.chunks_exact(co).enumerate() {
+                    for (o, &v) in row.iter().enumerate() {
+                        out[(o * c + ch) * kk + tap] = v;
+                    }
+                }
             } else {
-                (i / (co * c), i / c % co, i % c)
-            };
-            out[(o * c + ch) * kk + tap] = v;
+                // block[o][ch]
+                for (o, row) in block.chunks_exact(c).enumerate() {
+                    for (ch, &v) in row.iter().enumerate() {
+                        out[(o * c + ch) * kk + tap] = v;
+                    }
+                }
+            }
         }
         out
     }
@@ -632,6 +698,8 @@ mod tests {
             (3, 1, 2, 5, 9),
             (3, 1, 4, 9, 8),
             (5, 1, 1, 3, 16),
+            // stacks of one image each (64 x 64 is past a stack's size)
+            (3, 1, 3, 64, 64),
         ];
         // a bias per channel, or per image and channel
         for ((k, stride, n, h, wd), per_image) in
@@ -671,20 +739,21 @@ mod tests {
         }
     }
 
-    /// The two stride-1 backward forms agree image by image, on widths either side of the switch
-    /// between them and on images smaller than the kernel.
+    /// The stacked stride-1 forward and backward agree with the column forms image by image, for stacks
+    /// of one and of several images, on images smaller than the kernel, both dW layouts and 1x1 kernels.
     #[test]
-    fn shifted_backward_matches_column_backward() {
+    fn stacked_convolution_matches_the_column_form() {
         let mut rng = crate::rng::Rng::new(7);
-        for (k, c, co, h, w) in [
+        let cases = [
             (3, 3, 5, 6, 4),
             (3, 2, 4, 1, 1),
             (3, 4, 2, 5, 9),
             (5, 3, 2, 3, 16),
             (1, 3, 4, 2, 3),
-        ] {
+        ];
+        for ((k, c, co, h, w), n) in cases.into_iter().flat_map(|c| [(c, 1), (c, 3)]) {
             let geo = Geometry {
-                n: 1,
+                n,
                 c,
                 h,
                 w,
@@ -697,20 +766,47 @@ mod tests {
             let normal = |rng: &mut crate::rng::Rng, len| {
                 (0..len).map(|_| rng.normal()).collect::<Vec<f64>>()
             };
+            let (img, out) = (c * h * w, co * h * w);
             let (x, wt, g) = (
-                normal(&mut rng, c * h * w),
+                normal(&mut rng, n * img),
                 normal(&mut rng, co * c * k * k),
-                normal(&mut rng, co * h * w),
+                normal(&mut rng, n * out),
             );
-            let (mut dx_s, mut dx_c) = (vec![0.0; c * h * w], vec![0.0; c * h * w]);
-            let dw_s = geo.backward_shifted(&x, &wt, &g, &mut dx_s, Parallelism::None);
-            let dw_c = geo.backward_columns(&x, &wt, &g, &mut dx_c, Parallelism::None);
-            for (a, b) in geo.untangle_taps(&dw_s).iter().zip(&dw_c) {
-                assert!((a - b).abs() < 1e-12, "dw, k {k} {h}x{w}");
+            let bias = normal(&mut rng, n * co);
+            let close = |a: &[f64], b: &[f64], what: &str| {
+                assert_eq!(a.len(), b.len());
+                for (u, v) in a.iter().zip(b) {
+                    assert!((u - v).abs() < 1e-12, "{what}, k {k} {h}x{w}, {n} images");
+                }
+            };
+            let (mut y_s, mut dx_s) = (vec![0.0; n * out], vec![0.0; n * img]);
+            geo.forward_stack(&x, &wt, &bias, &mut y_s, Parallelism::None);
+            let dw_s = geo.backward_stack(&x, &wt, &g, &mut dx_s, Parallelism::None);
+            let (mut dx_c, mut dw_c) = (vec![0.0; n * img], vec![0.0; co * c * k * k]);
+            let mut y_c = vec![0.0; n * out];
+            let (rows, cols) = geo.col_dims();
+            for i in 0..n {
+                let (xn, gn) = (&x[i * img..][..img], &g[i * out..][..out]);
+                let dwn = geo.backward_columns(
+                    xn,
+                    &wt,
+                    gn,
+                    &mut dx_c[i * img..][..img],
+                    Parallelism::None,
+                );
+                dw_c.iter_mut().zip(&dwn).for_each(|(a, v)| *a += v);
+                let mut col = vec![0.0; rows * cols];
+                geo.im2col(xn, &mut col);
+                let yn = &mut y_c[i * out..][..out];
+                for (row, &b) in yn.chunks_exact_mut(cols).zip(&bias[i * co..]) {
+                    row.fill(b);
+                }
+                let (wv, cv) = (View::rows(&wt, rows), View::rows(&col, cols));
+                matmul(yn, (co, cols, rows), true, wv, cv, Parallelism::None);
             }
-            for (a, b) in dx_s.iter().zip(&dx_c) {
-                assert!((a - b).abs() < 1e-12, "dx, k {k} {h}x{w}");
-            }
+            close(&y_s, &y_c, "y");
+            close(&dx_s, &dx_c, "dx");
+            close(&geo.untangle_taps(&dw_s), &dw_c, "dw");
         }
     }
 
