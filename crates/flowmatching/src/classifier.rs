@@ -1,5 +1,5 @@
 //! A small image classifier for evaluation: class accuracy of generated samples and the features that
-//! the Frechet distance ([`crate::metrics::frechet_distance`]) compares.
+//! the Frechet distance ([`crate::frechet::frechet_distance`]) compares.
 //!
 //! ```text
 //! conv3x3(C -> 32), ReLU, maxpool 2 -> conv3x3(32 -> 64), ReLU, maxpool 2 -> dense(-> 128), ReLU = features

@@ -84,7 +84,7 @@ pub fn squared_costs(a: &[f32], b: &[f32], dim: usize) -> Vec<f64> {
     c
 }
 
-/// The optimal assignment: x0 row i goes with x1 row sigma[i].
+/// The optimal assignment: x0 row i goes with x1 row `sigma[i]`.
 pub fn exact_ot(x0: &[f32], x1: &[f32], dim: usize) -> Result<Vec<usize>> {
     let n = x0.len() / dim;
     if x1.len() != x0.len() || n == 0 {

@@ -236,7 +236,7 @@ pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
 /// candle's conv2d (padding k/2, no bias) whose backward uses forward convolutions only.
 ///
 /// For y = x * w with stride s and padding p = k/2 (k odd):
-/// - dL/dx = conv(dilate_s(g), flip(w)^T, padding k - 1 - p), where dilate_s puts g[i] at s i and zeros
+/// - dL/dx = conv(dilate_s(g), flip(w)^T, padding k - 1 - p), where dilate_s puts `g[i]` at `s i` and zeros
 ///   between, and flip(w)^T swaps the kernel's in/out channels and reverses it in space;
 /// - dL/dw[o, i] = sum over n of conv(x[n, i], g[n, o]) with dilation s, i.e. a convolution over the
 ///   batch with the roles of batch and channels swapped (as candle's own backward computes it).
