@@ -47,9 +47,10 @@ impl Weights {
     /// A k x k convolution (k odd) with "same" padding and stride 1 or 2, plus bias, on (N, C, H, W).
     ///
     /// Three ways to compute it, picked by [`conv_impl`]:
-    /// - [`ConvImpl::Im2col`] (CPU default): [`crate::cpuconv::conv2d`], one candle op with its own
-    ///   backward that builds each image's column matrix and runs one matrix product per image and
-    ///   direction (f32 and f64 on the CPU; elsewhere this choice falls back to `GemmBackward`).
+    /// - [`ConvImpl::Im2col`] (CPU default; the name is historical): [`crate::cpuconv::conv2d`], one
+    ///   candle op with its own backward, a few matrix products per group of images and direction
+    ///   (column matrices at stride 2, shifted views of a padded stack of images at stride 1; f32 and
+    ///   f64 on the CPU; elsewhere this choice falls back to `GemmBackward`).
     /// - [`ConvImpl::Candle`]: candle's conv2d and candle's backward, whose input gradient is a direct
     ///   (naive) transposed convolution.
     /// - [`ConvImpl::GemmBackward`] (CUDA default): candle's conv2d forward with a backward made of
