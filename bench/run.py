@@ -109,7 +109,11 @@ def main():
             peer.append(run(peer_cmd))
         o = statistics.median(r["median_ms"] for r in ours)
         p = statistics.median(r["median_ms"] for r in peer)
+        # Each round's own ratio (its peer run against the our run just before it): the spread says how
+        # much the shared machine's phases moved the result.
+        rounds = [r_p["median_ms"] / r_o["median_ms"] for r_o, r_p in zip(ours, peer)]
         row = {"workload": name, "ours_ms": o, "peer_ms": p, "ratio": p / o,
+               "round_ratio_min": min(rounds), "round_ratio_max": max(rounds),
                "ours_gflops": ours[-1].get("gflops"), "peer_gflops": peer[-1].get("gflops"),
                "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"]}
         if name in ("b1",) or name.startswith("step"):
@@ -120,11 +124,12 @@ def main():
     info = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "rounds": a.rounds}
     (OUT / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
-    lines = ["| workload | flowmatching (ms) | PyTorch peer (ms) | ratio peer/ours | NFE ours / peer |",
-             "|---|---|---|---|---|"]
+    lines = ["| workload | flowmatching (ms) | PyTorch peer (ms) | ratio peer/ours | rounds' ratios | NFE ours / peer |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         nfe = f"{r['ours_nfe']} / {r['peer_nfe']}" if r["ours_nfe"] is not None else ""
-        lines.append(f"| {r['workload']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f} | {nfe} |")
+        spread = f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}"
+        lines.append(f"| {r['workload']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f} | {spread} | {nfe} |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
