@@ -679,9 +679,10 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// Values and all three gradients against candle's own conv2d and autograd, for 1x1 and 3x3 kernels,
-    /// strides 1 and 2, non-square inputs, images smaller than the kernel, batches on both sides of the
-    /// thread count, and a loss that weights every output differently.
+    /// Values and all three gradients against candle's own conv2d and autograd, for 1x1, 3x3 and 5x5
+    /// kernels, strides 1 and 2 (columns and stacks), C > C_out and C < C_out, non-square inputs, images smaller than the
+    /// kernel, batches on both sides of the thread count, and a loss that weights every output
+    /// differently.
     #[test]
     fn matches_candle_conv2d_and_its_gradients() {
         let dev = Device::Cpu;
@@ -694,29 +695,30 @@ mod tests {
             (3, 1, 2, 1, 1),
             (3, 2, 2, 2, 2),
             (5, 1, 1, 2, 3),
-            // wide enough for the shifted backward
             (3, 1, 2, 5, 9),
             (3, 1, 4, 9, 8),
             (5, 1, 1, 3, 16),
             // stacks of one image each (64 x 64 is past a stack's size)
             (3, 1, 3, 64, 64),
         ];
-        // a bias per channel, or per image and channel
-        for ((k, stride, n, h, wd), per_image) in
-            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        // channels (in, out), few and more; a bias per channel, or per image and channel
+        for (((k, stride, n, h, wd), (c, co)), per_image) in cases
+            .into_iter()
+            .flat_map(|c| [(c, (3, 5)), (c, (9, 8))])
+            .flat_map(|c| [(c, false), (c, true)])
         {
-            let x = Var::randn(0f64, 1.0, (n, 3, h, wd), &dev).unwrap();
-            let w = Var::randn(0f64, 1.0, (5, 3, k, k), &dev).unwrap();
+            let x = Var::randn(0f64, 1.0, (n, c, h, wd), &dev).unwrap();
+            let w = Var::randn(0f64, 1.0, (co, c, k, k), &dev).unwrap();
             let b = if !per_image {
-                Var::randn(0f64, 1.0, 5, &dev).unwrap()
+                Var::randn(0f64, 1.0, co, &dev).unwrap()
             } else {
-                Var::randn(0f64, 1.0, (n, 5), &dev).unwrap()
+                Var::randn(0f64, 1.0, (n, co), &dev).unwrap()
             };
-            let r = Tensor::randn(0f64, 1.0, (n, 5, h / stride, wd / stride), &dev).unwrap();
+            let r = Tensor::randn(0f64, 1.0, (n, co, h / stride, wd / stride), &dev).unwrap();
             let ours = conv2d(&x, &w, &b, stride).unwrap();
             let bias = match b.rank() {
-                1 => b.reshape((1, 5, 1, 1)).unwrap(),
-                _ => b.reshape((n, 5, 1, 1)).unwrap(),
+                1 => b.reshape((1, co, 1, 1)).unwrap(),
+                _ => b.reshape((n, co, 1, 1)).unwrap(),
             };
             let want = x
                 .conv2d(&w, k / 2, stride, 1, 1)
@@ -733,7 +735,7 @@ mod tests {
                 let d = crate::testing::max_abs_diff(a, e);
                 assert!(
                     d < 1e-10,
-                    "k {k} stride {stride} n {n} per-image bias {per_image}: gradient differs by {d}"
+                    "k {k} stride {stride} n {n} channels {c} -> {co} per-image bias {per_image}: gradient differs by {d}"
                 );
             }
         }
