@@ -680,9 +680,9 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// Values and all three gradients against candle's own conv2d and autograd, for 1x1, 3x3 and 5x5
-    /// kernels, strides 1 and 2 (columns and stacks), C > C_out and C < C_out, non-square inputs, images smaller than the
-    /// kernel, batches on both sides of the thread count, and a loss that weights every output
-    /// differently.
+    /// kernels, strides 1 and 2 (columns and stacks), C > C_out and C < C_out, non-square inputs, images
+    /// smaller than the kernel, batches on both sides of the thread count, and a loss that weights every
+    /// output differently.
     #[test]
     fn matches_candle_conv2d_and_its_gradients() {
         let dev = Device::Cpu;
