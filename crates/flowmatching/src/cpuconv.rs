@@ -50,6 +50,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tenso
             b.dims()
         )));
     }
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        // Nothing to multiply (an empty batch, no channels): candle's own convolution gives the shapes,
+        // zeros and gradients; the grouping below assumes at least one image and channel.
+        let bias = b.reshape((b.elem_count() / co, co, 1, 1))?;
+        return Ok(x
+            .conv2d(w, w.dim(2)? / 2, stride, 1, 1)?
+            .broadcast_add(&bias)?);
+    }
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride })?)
 }
@@ -809,6 +817,41 @@ mod tests {
             close(&y_s, &y_c, "y");
             close(&dx_s, &dx_c, "dx");
             close(&geo.untangle_taps(&dw_s), &dw_c, "dw");
+        }
+    }
+
+    /// Empty batches, channel-less inputs and zero-height images give candle's shapes and gradients
+    /// instead of reaching the grouping (which needs at least one image).
+    #[test]
+    fn empty_inputs_match_candle() {
+        let dev = Device::Cpu;
+        for (n, c, h, w) in [(0, 3, 6, 6), (2, 0, 6, 6), (2, 3, 0, 6), (0, 0, 6, 6)] {
+            for per_image in [false, true] {
+                let x = Var::zeros((n, c, h, w), DType::F64, &dev).unwrap();
+                let wt = Var::randn(0f64, 1.0, (5, c, 3, 3), &dev).unwrap();
+                let b = if per_image {
+                    Var::randn(0f64, 1.0, (n, 5), &dev).unwrap()
+                } else {
+                    Var::randn(0f64, 1.0, 5, &dev).unwrap()
+                };
+                let ours = conv2d(&x, &wt, &b, 1).unwrap();
+                let bias = b.reshape((b.elem_count() / 5, 5, 1, 1)).unwrap();
+                let want = x
+                    .conv2d(&wt, 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                assert_eq!(ours.dims(), want.dims());
+                assert!(
+                    ours.elem_count() == 0 || crate::testing::max_abs_diff(&ours, &want) == 0.0
+                );
+                let grads = ours.sum_all().unwrap().backward().unwrap();
+                for v in [x.as_tensor(), wt.as_tensor(), b.as_tensor()] {
+                    if let Some(g) = grads.get(v) {
+                        assert_eq!(g.dims(), v.dims());
+                    }
+                }
+            }
         }
     }
 
