@@ -51,12 +51,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tenso
         )));
     }
     if x.elem_count() == 0 || w.elem_count() == 0 {
-        // Nothing to multiply (an empty batch, no channels): candle's own convolution gives the shapes,
-        // zeros and gradients; the grouping below assumes at least one image and channel.
-        let bias = b.reshape((b.elem_count() / co, co, 1, 1))?;
-        return Ok(x
-            .conv2d(w, w.dim(2)? / 2, stride, 1, 1)?
-            .broadcast_add(&bias)?);
+        // Nothing to multiply (no images, pixels or channels): y is the bias alone, an empty tensor
+        // without images or pixels. (The grouping below needs an image; candle's own conv2d overflows
+        // on zero-sized images.)
+        let (ho, wo) = (x.dim(2)? / stride, x.dim(3)? / stride);
+        let bias = b.reshape((if b.rank() == 2 { n } else { 1 }, co, 1, 1))?;
+        return Ok(bias.broadcast_as((n, co, ho, wo))?.contiguous()?);
     }
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride })?)
@@ -820,37 +820,40 @@ mod tests {
         }
     }
 
-    /// Empty batches, channel-less inputs and zero-height images give candle's shapes and gradients
-    /// instead of reaching the grouping (which needs at least one image).
+    /// Empty batches, zero-sized images and no channels give the bias alone (an empty tensor when there
+    /// is nothing to hold it) and a gradient for the bias, instead of reaching the grouping (which needs
+    /// at least one image).
     #[test]
-    fn empty_inputs_match_candle() {
+    fn empty_inputs_give_the_bias() {
         let dev = Device::Cpu;
-        for (n, c, h, w) in [(0, 3, 6, 6), (2, 0, 6, 6), (2, 3, 0, 6), (0, 0, 6, 6)] {
-            for per_image in [false, true] {
-                let x = Var::zeros((n, c, h, w), DType::F64, &dev).unwrap();
-                let wt = Var::randn(0f64, 1.0, (5, c, 3, 3), &dev).unwrap();
-                let b = if per_image {
-                    Var::randn(0f64, 1.0, (n, 5), &dev).unwrap()
-                } else {
-                    Var::randn(0f64, 1.0, 5, &dev).unwrap()
-                };
-                let ours = conv2d(&x, &wt, &b, 1).unwrap();
-                let bias = b.reshape((b.elem_count() / 5, 5, 1, 1)).unwrap();
-                let want = x
-                    .conv2d(&wt, 1, 1, 1, 1)
-                    .unwrap()
-                    .broadcast_add(&bias)
-                    .unwrap();
-                assert_eq!(ours.dims(), want.dims());
-                assert!(
-                    ours.elem_count() == 0 || crate::testing::max_abs_diff(&ours, &want) == 0.0
-                );
-                let grads = ours.sum_all().unwrap().backward().unwrap();
-                for v in [x.as_tensor(), wt.as_tensor(), b.as_tensor()] {
-                    if let Some(g) = grads.get(v) {
-                        assert_eq!(g.dims(), v.dims());
-                    }
-                }
+        let cases = [
+            (0, 3, 6, 6, 5),
+            (2, 0, 6, 6, 5),
+            (2, 3, 0, 6, 5),
+            (0, 0, 6, 6, 5),
+            (2, 3, 6, 6, 0),
+        ];
+        for ((n, c, h, w, co), per_image) in cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
+            let x = Var::zeros((n, c, h, w), DType::F64, &dev).unwrap();
+            let wt = Var::randn(0f64, 1.0, (co, c, 3, 3), &dev).unwrap();
+            let b = if per_image {
+                Var::randn(0f64, 1.0, (n, co), &dev).unwrap()
+            } else {
+                Var::randn(0f64, 1.0, co, &dev).unwrap()
+            };
+            let y = conv2d(&x, &wt, &b, 1).unwrap();
+            assert_eq!(y.dims(), [n, co, h, w]);
+            let rows = if per_image { n } else { 1 };
+            let want = b
+                .reshape((rows, co, 1, 1))
+                .unwrap()
+                .broadcast_as((n, co, h, w))
+                .unwrap();
+            assert!(y.elem_count() == 0 || crate::testing::max_abs_diff(&y, &want) == 0.0);
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            if let Some(gb) = grads.get(b.as_tensor()) {
+                assert_eq!(gb.dims(), b.dims());
             }
         }
     }
