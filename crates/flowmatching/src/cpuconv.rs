@@ -687,6 +687,16 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
+    /// A random bias per image and channel (N x C_out), or per channel (C_out).
+    fn random_bias(per_image: bool, n: usize, co: usize) -> Var {
+        let dev = Device::Cpu;
+        if per_image {
+            Var::randn(0f64, 1.0, (n, co), &dev).unwrap()
+        } else {
+            Var::randn(0f64, 1.0, co, &dev).unwrap()
+        }
+    }
+
     /// Values and all three gradients against candle's own conv2d and autograd, for 1x1, 3x3 and 5x5
     /// kernels, strides 1 and 2 (columns and stacks), C > C_out and C < C_out, non-square inputs, images
     /// smaller than the kernel, batches on both sides of the thread count, and a loss that weights every
@@ -717,11 +727,7 @@ mod tests {
         {
             let x = Var::randn(0f64, 1.0, (n, c, h, wd), &dev).unwrap();
             let w = Var::randn(0f64, 1.0, (co, c, k, k), &dev).unwrap();
-            let b = if !per_image {
-                Var::randn(0f64, 1.0, co, &dev).unwrap()
-            } else {
-                Var::randn(0f64, 1.0, (n, co), &dev).unwrap()
-            };
+            let b = random_bias(per_image, n, co);
             let r = Tensor::randn(0f64, 1.0, (n, co, h / stride, wd / stride), &dev).unwrap();
             let ours = conv2d(&x, &w, &b, stride).unwrap();
             let bias = match b.rank() {
@@ -837,11 +843,7 @@ mod tests {
         {
             let x = Var::zeros((n, c, h, w), DType::F64, &dev).unwrap();
             let wt = Var::randn(0f64, 1.0, (co, c, 3, 3), &dev).unwrap();
-            let b = if per_image {
-                Var::randn(0f64, 1.0, (n, co), &dev).unwrap()
-            } else {
-                Var::randn(0f64, 1.0, co, &dev).unwrap()
-            };
+            let b = random_bias(per_image, n, co);
             let y = conv2d(&x, &wt, &b, 1).unwrap();
             assert_eq!(y.dims(), [n, co, h, w]);
             let rows = if per_image { n } else { 1 };
