@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU run (on a lent H100/H200): B1 on the GPU, ours (a `cuda` build from
-# scripts/build-cuda.sh, carried as target-cuda/release/flowmatching) and PyTorch's, interleaved,
-# three rounds. Needs the flow_matching wheel carried in .whl/ (the machine has torch, torchdiffeq,
-# safetensors and tqdm). Writes $OUT/gpu-b1.jsonl.
+# B1 on a GPU (H100/H200): ours (a `cuda` build from scripts/build-cuda.sh, copied to
+# target-cuda/release/flowmatching) and PyTorch's, interleaved, three rounds. Needs the flow_matching
+# wheel in .whl/ and a python3 with torch, torchdiffeq, safetensors and tqdm. Writes $OUT/gpu-b1.jsonl.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

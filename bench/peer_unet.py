@@ -1,8 +1,8 @@
-"""B5's PyTorch peer: the same U-Net as flowmatching's (crates/flowmatching/src/unet.rs), in plain torch eager.
+"""B5's PyTorch peer: the same U-Net as flowmatching's (crates/flowmatching/src/nn/unet.rs), in plain torch eager.
 
 Usage: python peer_unet.py b5-step|b5-sample [--batch 128] [--unet small|tiny] [--iters N] [--warmup N]
        [--device cuda|cpu]
-Prints one JSON line like `flowmatching bench b5-step`. Needs only torch (the lent GPU machine has it).
+Prints one JSON line like `flowmatching-bench b5-step`. Needs only torch.
 
 The workloads match ours: b5-step is one CFM training step (CondOT path, sigma_min 0, Adam lr 1e-3, label
 dropout 0.1, the loss read back to the host); b5-sample is midpoint with 20 steps (40 NFE) from noise.

@@ -1,7 +1,7 @@
-"""The PyTorch peers' side of the benchmarks: the same workloads as `flowmatching bench`.
+"""The PyTorch peers' side of the benchmarks: the same workloads as `flowmatching-bench`.
 
 Usage: .venv/bin/python peers.py WORKLOAD [--iters N] [--warmup N] [--checkpoint DIR]
-Prints one JSON line like `flowmatching bench`. Defaults are the libraries' own (float32, all cores).
+Prints one JSON line like `flowmatching-bench`. Defaults are the libraries' own (float32, all cores).
 """
 import argparse
 import json

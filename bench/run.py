@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OURS = ROOT / "target" / "release" / "flowmatching"
+OURS_BENCH = ROOT / "target" / "release" / "flowmatching-bench"
 PEERS = [sys.executable, str(HERE / "peers.py")]
 OUT = HERE / "out"
 MODEL = OUT / "b1-model"
@@ -64,8 +65,9 @@ def peak_rss_kb(cmd):
 
 
 def build():
-    """Builds our binary (release) and makes bench/out."""
-    subprocess.run(["cargo", "build", "--release", "-p", "flowmatching-cli"], check=True, cwd=ROOT)
+    """Builds our binaries (release) and makes bench/out."""
+    subprocess.run(["cargo", "build", "--release", "-p", "flowmatching-cli", "-p", "flowmatching-bench"],
+                   check=True, cwd=ROOT)
     OUT.mkdir(exist_ok=True)
 
 
@@ -100,7 +102,7 @@ def main():
         common = [kind, "--iters", str(iters), "--warmup", str(warmup)] + extra
         if name.startswith(("b3", "b4")):
             common += ["--checkpoint", str(MODEL)]
-        ours_cmd, peer_cmd = [str(OURS), "bench"] + common + ours_only, PEERS + common
+        ours_cmd, peer_cmd = [str(OURS_BENCH)] + common + ours_only, PEERS + common
         if name in UNET_CPU:
             peer_cmd = PEER_UNET + common + ["--device", "cpu"]
         ours, peer = [], []
@@ -109,7 +111,7 @@ def main():
             peer.append(run(peer_cmd))
         o = statistics.median(r["median_ms"] for r in ours)
         p = statistics.median(r["median_ms"] for r in peer)
-        # Each round's own ratio (its peer run against the our run just before it): the spread says how
+        # Each round's own ratio (its peer run against our run just before it): the spread says how
         # much the shared machine's phases moved the result.
         rounds = [r_p["median_ms"] / r_o["median_ms"] for r_o, r_p in zip(ours, peer)]
         row = {"workload": name, "ours_ms": o, "peer_ms": p, "ratio": p / o,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds `flowmatching` with the `cuda` feature on a machine with no CUDA installed (the recipe measured in
-# shared/gpu/NOTES.md): the CUDA 13.0 toolkit from PyPI wheels in .cuda-venv/, link-time symlinks for the
-# versioned libraries, and a stub libcuda.so for the linker (the real driver is loaded at run time).
+# Builds `flowmatching` with the `cuda` feature on a machine with no CUDA installed: the CUDA 13.0 toolkit
+# from PyPI wheels in .cuda-venv/, link-time symlinks for the versioned libraries, and a stub libcuda.so
+# for the linker (the real driver is loaded at run time).
 #
 #   scripts/build-cuda.sh            -> target-cuda/release/flowmatching (compute capability 9.0: H100/H200)
 #   scripts/build-cuda.sh --cudnn    -> target-cuda/release/flowmatching-cudnn: convolutions through cuDNN

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Prepared for a lent GPU (H100/H200), from the repository root, in one device call:
+# GPU benchmarks and the Fashion-MNIST ablation on one H100/H200, from the repository root, time-boxed
+# to TOTAL_SECONDS:
 #
-#   scripts/gpu-ablate.sh [TOTAL_SECONDS]        (default 560: the call limit is 600)
+#   scripts/gpu-ablate.sh [TOTAL_SECONDS]        (default 560, to fit a 600-second limit)
 #
 # 1. B5 three ways, batch 128: the plain `cuda` build, the cuDNN build (scripts/build-cuda.sh --cudnn, run
 #    with the libcudnn.so.9 of the machine's PyTorch) and PyTorch eager (bench/peer_unet.py).
-#    Then B1 on the GPU, ours and flow_matching's (bench/peers.py; the wheel carried in .whl/).
+#    Then B1 on the GPU, ours and flow_matching's (bench/peers.py; the wheel in .whl/).
 # 2. The five-way ablation on Fashion-MNIST (`ablate --data fashion-mnist`, default image preset) with the
 #    faster build, time-boxed to what is left.
-# Carry .carry/ holding flowmatching.gz and flowmatching-cudnn.gz (gzip of target-cuda/release/flowmatching
+# Needs .carry/ holding flowmatching.gz and flowmatching-cudnn.gz (gzip of target-cuda/release/flowmatching
 # and flowmatching-cudnn, about 15 MB each), fashion-mnist/ (the four IDX files) and
-# classifier.safetensors, and .whl/ (the flow_matching wheel, 52 KB): carry [".carry", ".whl"], about
-# 63 MiB with the tracked files, of the 64 MiB a call carries.
+# classifier.safetensors, and .whl/ (the flow_matching wheel, 52 KB): about 63 MiB together with the
+# tracked files.
 # Results: $OUT/bench.jsonl, $OUT/log.txt and $OUT/ablation.tar.gz (report.md, results.json, PNGs).
 set -uo pipefail
 T0=$(date +%s)
@@ -45,8 +46,7 @@ for bin in "${BINS[@]}"; do
   LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin" bench b5-sample --device cuda --batch 128 \
     --iters 3 --warmup 1 | tee -a "$B"
 done
-# B1 on the GPU (the flat optimizer of session 3 is new since the 0.89 of bench/gpu.sh); the peer needs
-# the flow_matching wheel carried in .whl/.
+# B1 on the GPU, ours and the peer's (as bench/gpu.sh); the peer needs the flow_matching wheel in .whl/.
 if ls .whl/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; then
   for round in 1 2; do
     timeout 60 /tmp/fm bench b1 --device cuda --iters 50 --warmup 10 | tee -a "$B"

@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
-# The prepared Fashion-MNIST run for one lent GPU (H100/H200), from the repository root; everything
-# fits one device call:
+# The Fashion-MNIST run on one GPU (H100/H200), from the repository root, time-boxed to TOTAL_SECONDS:
 #
-#   scripts/gpu-fashion.sh [TOTAL_SECONDS]        (default 560: the call limit is 600)
+#   scripts/gpu-fashion.sh [TOTAL_SECONDS]        (default 560, to fit a 600-second limit)
 #
-# Needs, carried from the CPU machine: the `cuda` binary (scripts/build-cuda.sh ->
-# target-cuda/release/flowmatching, about 53 MB, so carried gzipped as .carry/flowmatching.gz to stay
-# under the 64 MiB the device tool carries), Fashion-MNIST's four IDX files in .carry/fashion-mnist/ (copied from
+# Needs, copied from the build machine: the `cuda` binary (scripts/build-cuda.sh ->
+# target-cuda/release/flowmatching, about 53 MB, gzipped as .carry/flowmatching.gz to keep the copy
+# under 64 MiB), Fashion-MNIST's four IDX files in .carry/fashion-mnist/ (copied from
 # /usr/share/datasets/fashion-mnist) and the evaluation classifier in .carry/classifier.safetensors
 # (`flowmatching classifier train --out .carry/classifier.safetensors`, on the CPU).
 #
 # Phases, each given what is left of TOTAL_SECONDS:
 # 1. Probe: 20 steps (loads the CUDA kernels), 40 more timed steps, at batch 256, and at 128 when 256
-#    leaves fewer than MIN_STEPS steps; on failure, once more with session 2's known-good settings.
+#    leaves fewer than MIN_STEPS steps; on failure, once more with the fallback settings below.
 # 2. Training sized from the probe's step time to what is left minus EVAL_RESERVE seconds (cosine
 #    schedule over exactly that many steps; --max-minutes as a safety net).
-# 3. image-eval at w = 2 on 10,000 samples (FD and class accuracy: the issue's two targets).
+# 3. image-eval at w = 2 on 10,000 samples (FD and class accuracy: the two image targets).
 # 4. B5 benchmark, ours against the same U-Net in PyTorch eager (bench/peer_unet.py), time-boxed.
 # 5. image-eval at w = 0, 1, 4 and bits/dim of the test set, with what is left.
-# Everything lands in $OUT/fashion.tar.gz plus $OUT/log.txt and $OUT/bench.jsonl (the device tool
-# brings back at most 8 files).
+# Everything lands in $OUT/fashion.tar.gz plus $OUT/log.txt and $OUT/bench.jsonl (three files).
 set -uo pipefail
 T0=$(date +%s)
 TOTAL=${1:-560}
@@ -71,7 +69,7 @@ probe() {
 say "probe at batch $BATCH"
 SEC=$(probe "$BATCH" | tail -n 1)
 if ! [[ "$SEC" =~ ^[0-9.]+$ ]]; then
-  # The last known-good settings (session 2): candle's convolution, cudarc's defaults.
+  # Fallback settings: candle's convolution, cudarc's defaults.
   say "probe failed; retrying with FLOWMATCHING_CONV=candle and cudarc's event tracking and pool defaults"
   export FLOWMATCHING_CONV=candle FLOWMATCHING_CUDA_EVENTS=1 FLOWMATCHING_CUDA_POOL_RELEASE=1
   SEC=$(probe "$BATCH" | tail -n 1)

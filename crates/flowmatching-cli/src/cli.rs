@@ -27,8 +27,6 @@ pub enum Command {
     Likelihood(LikelihoodArgs),
     /// Sample quality against NFE for every solver: the table in the README.
     Solvers(SolversArgs),
-    /// Time one benchmark workload (our side of bench/run.py); prints one JSON line.
-    Bench(BenchArgs),
     /// The flow-matching paper's ablation: DDPM, score matching, ScoreFlow, FM-diffusion and FM-OT trained
     /// alike, compared in a report with plots.
     Ablate(AblateArgs),
@@ -238,59 +236,6 @@ pub struct AblateArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Workload {
-    /// Training step, MLP 3-512x4-2 SiLU, batch 4096, Adam.
-    B1,
-    /// Training step, MLP 3-64x3-2 SELU, batch 256, Adam.
-    B2,
-    /// Sampling 50,000 points with midpoint, 20 steps (needs --checkpoint).
-    B3Midpoint,
-    /// Sampling 50,000 points with Dopri5 at rtol = atol = 1e-5 (needs --checkpoint).
-    B3Dopri5,
-    /// Exact-divergence log-likelihood of 10,000 points (needs --checkpoint).
-    B4,
-    /// Training step of the B1 network at --hidden and --batch (the scaling study).
-    Step,
-    /// One f32 matrix product of 2048 x 2048 by 2048 x 2048: the machine's GEMM rate.
-    Gemm,
-    /// U-Net training step (small preset, Fashion-MNIST shape, 10 classes, batch --batch; B5 uses 128).
-    B5Step,
-    /// U-Net sampling: --batch images, midpoint 20 steps (B5 uses 128).
-    B5Sample,
-    /// The --unet preset's pieces (B5 shapes for small): each level's 3x3 convolution (ours, candle's,
-    /// GEMM backward) and the whole network, forward and forward + backward; one JSON line each.
-    UnetParts,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[arg(value_enum)]
-    pub workload: Workload,
-    /// Timed repetitions.
-    #[arg(long, default_value_t = 10)]
-    pub iters: usize,
-    /// Untimed repetitions first.
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    /// The B1 model for sampling and likelihood workloads.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub batch: usize,
-    /// Where to run: the CPU, or the first CUDA GPU (needs a build with `--features cuda`).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
-    /// The U-Net of the b5-step, b5-sample and unet-parts workloads (B5 itself is `small`).
-    #[arg(long, value_enum, default_value = "small")]
-    pub unet: UNetPreset,
-    /// rtol = atol of the Dopri5 solves in b3-dopri5 and b4 (the workloads' own setting is 1e-5).
-    #[arg(long, default_value_t = 1e-5)]
-    pub tol: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
     Cpu,
     Cuda,
@@ -493,7 +438,7 @@ impl DeviceArgs {
         match self.kind {
             DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
             DeviceArg::Cuda => {
-                let d = flowmatching::device::cuda(0)
+                let d = flowmatching::device::cuda_with(0, crate::resolve::cuda_options())
                     .map_err(|e| anyhow::anyhow!("{e}; build with scripts/build-cuda.sh"))?;
                 candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
                 Ok(d)
@@ -536,7 +481,7 @@ pub struct SampleArgs {
     /// A checkpoint folder (or its checkpoint.json), e.g. the output of `train` or `demo`.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Where to write the samples (.npy, N x D); statistics go beside it as <name>.stats.json.
+    /// Where to write the samples (.npy, N x D); statistics go beside it as NAME.stats.json.
     #[arg(long, default_value = "samples.npy")]
     pub out: PathBuf,
     /// Also write a PNG histogram of the first two coordinates.
@@ -561,8 +506,8 @@ pub struct SampleArgs {
     /// Use the raw weights instead of their moving average.
     #[arg(long)]
     pub raw_weights: bool,
-    /// Also save the paths (<name>.trajectory.npy, T x N x D at 101 times) and plot them
-    /// (<name>.trajectory.png).
+    /// Also save the paths (NAME.trajectory.npy, T x N x D at 101 times) and plot them
+    /// (NAME.trajectory.png).
     #[arg(long)]
     pub trajectory: bool,
     /// Image models: write a PNG grid of the samples (one row per class for conditional models).

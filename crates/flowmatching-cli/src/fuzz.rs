@@ -187,13 +187,10 @@ mod tests {
     fn config_seed() -> Vec<u8> {
         let cfg = flowmatching::train::RunConfig {
             format_version: flowmatching::train::FORMAT_VERSION,
-            model: flowmatching::model::ModelConfig::UNet(flowmatching::model::UNetConfig::tiny(
+            model: flowmatching::nn::ModelConfig::UNet(flowmatching::nn::UNetConfig::tiny(
                 1, 8, 8, 3,
             )),
-            path: flowmatching::scheduler::SchedulerConfig::Vp {
-                beta_min: 0.1,
-                beta_max: 20.0,
-            },
+            path: flowmatching::path::SchedulerConfig::default_vp(),
             prediction: flowmatching::path::Prediction::Velocity,
             weighting: flowmatching::objective::Weighting::Uniform,
             train: Default::default(),

@@ -7,6 +7,7 @@ use flowmatching::checkpoint::write_atomic;
 use flowmatching::data::{DataSource, TensorDataset, Toy2d};
 
 use crate::images;
+use flowmatching::rng::Rng;
 
 /// Reads an N x D array of f32 or f64 from a .npy file (C or Fortran order).
 pub fn read_npy(path: &Path) -> Result<(Vec<f32>, usize)> {
@@ -314,6 +315,42 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     bytes.push(b'\n');
     write_atomic(path, &bytes)?;
     Ok(())
+}
+
+/// Up to `n` images from an image set, uniformly dequantized: each pixel byte b becomes
+/// (b + u) / 128 - 1 with u ~ U[0, 1), so the data have a density and bits/dim use the scale 2/256.
+pub fn dequantized_images(
+    spec: &str,
+    opts: &DataOptions,
+    n: Option<usize>,
+    seed: u64,
+) -> Result<(Vec<f32>, usize)> {
+    let ds = open_image_set(spec, opts)?;
+    let dim = ds.dim();
+    let take = n.unwrap_or(ds.len()).min(ds.len());
+    let mut rng = Rng::new(seed).fork(201);
+    let rows = ds.rows()[..take * dim]
+        .iter()
+        .map(|&v| ((images::to_byte(v) as f64 + rng.uniform()) / 128.0 - 1.0) as f32)
+        .collect();
+    Ok((rows, dim))
+}
+
+/// Up to `n` points from `spec`: the first rows of a file, or fresh draws from a built-in set.
+pub fn points(spec: &str, n: Option<usize>, seed: u64) -> Result<(Vec<f32>, usize)> {
+    let data = open_data(spec)?;
+    let dim = data.dim();
+    let rows = match (n, file_rows(spec)?) {
+        (_, Some(all)) => {
+            let take = n.unwrap_or(all.len() / dim).min(all.len() / dim);
+            all[..take * dim].to_vec()
+        }
+        (n, None) => data.sample(&mut Rng::new(seed).fork(200), n.unwrap_or(10_000)),
+    };
+    if rows.is_empty() {
+        bail!("no points to evaluate");
+    }
+    Ok((rows, dim))
 }
 
 #[cfg(test)]

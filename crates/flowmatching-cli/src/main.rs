@@ -9,6 +9,10 @@ mod images;
 mod io;
 mod plot;
 mod progress;
+mod report;
+mod resolve;
+mod sampling;
+mod training;
 
 use clap::Parser;
 
@@ -32,8 +36,20 @@ fn keep_freed_pages() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// `FLOWMATCHING_CONV=cpu|candle|gemm-backward` picks the convolution for A/B comparisons.
+fn conv_from_env() -> flowmatching::Result<()> {
+    if let Ok(name) = std::env::var("FLOWMATCHING_CONV") {
+        flowmatching::nn::set_conv_impl(Some(flowmatching::nn::ConvImpl::from_name(&name)?));
+    }
+    Ok(())
+}
+
 fn main() {
     keep_freed_pages();
+    if let Err(e) = conv_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let args = cli::Cli::parse();
     let result = match &args.command {
         cli::Command::Demo(a) => cmd::demo::run(a),
@@ -41,7 +57,6 @@ fn main() {
         cli::Command::Sample(a) => cmd::sample::run(a),
         cli::Command::Likelihood(a) => cmd::likelihood::run(a),
         cli::Command::Solvers(a) => cmd::solvers::run(a),
-        cli::Command::Bench(a) => cmd::bench::run(a),
         cli::Command::Ablate(a) => cmd::ablate::run(a),
         cli::Command::Classifier(a) => cmd::classifier::run(a),
         cli::Command::ImageEval(a) => cmd::image_eval::run(a),

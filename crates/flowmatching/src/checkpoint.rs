@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::nn::Model;
 use crate::rng::RngState;
 use crate::train::{RunConfig, Trainer};
 

@@ -372,7 +372,7 @@ impl DataSource for TensorDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::checkerboard_support;
+    use crate::eval::metrics::checkerboard_support;
 
     #[test]
     fn checkerboard_fills_its_eight_squares_evenly() {

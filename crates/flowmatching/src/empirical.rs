@@ -15,7 +15,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::VelocityField;
+use crate::field::VelocityField;
 use crate::path::{AffinePath, Prediction};
 
 /// The closed-form marginal field of a finite data set on a given path. A model with no parameters.
@@ -103,7 +103,7 @@ impl VelocityField for EmpiricalField {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{CondOT, VP};
+    use crate::path::{CondOT, VP};
     use candle_core::Device;
 
     fn data() -> Tensor {

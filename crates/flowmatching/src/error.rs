@@ -18,9 +18,9 @@ pub enum Error {
     /// Training produced a NaN or an infinity.
     #[error("training diverged at step {step}: {what} is not finite (NaN or Inf); lower the learning rate or enable gradient clipping")]
     NonFinite { step: u64, what: String },
-    /// An ODE solve could not finish; the error holds the last state and where it stopped.
+    /// An ODE solve could not finish (a solve with `throw` set; otherwise the solution says so).
     #[error("{0}")]
-    SolverStopped(Box<crate::solver::SolveError>),
+    SolverStopped(SolveStop),
     /// An I/O error, with the file it concerns.
     #[error("{path}: {source}")]
     Io {
@@ -36,6 +36,29 @@ impl Error {
             path: path.display().to_string(),
             source,
         }
+    }
+}
+
+/// Where and why an ODE solve stopped before reaching its final time (step limit, step-size
+/// underflow, a state that is no longer finite).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolveStop {
+    pub reason: String,
+    /// Time, step size and attempted steps of the sample that stopped the solve.
+    pub t: f64,
+    pub h: f64,
+    pub steps: usize,
+    /// The time each sample had reached.
+    pub t_reached: Vec<f64>,
+}
+
+impl std::fmt::Display for SolveStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the ODE solve stopped at t = {:.6} with step size h = {:.3e} after {} steps: {}",
+            self.t, self.h, self.steps, self.reason
+        )
     }
 }
 

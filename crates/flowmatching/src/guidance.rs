@@ -16,7 +16,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{Model, VelocityField};
+use crate::field::VelocityField;
+use crate::nn::Model;
 
 /// The guided field for fixed per-row labels.
 #[derive(Debug)]
@@ -105,7 +106,7 @@ impl VelocityField for Guided<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ModelConfig, UNetConfig};
+    use crate::nn::{ModelConfig, UNetConfig};
     use crate::rng::Rng;
     use crate::solver::{integrate, Midpoint};
     use candle_core::Device;
@@ -174,7 +175,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("class 2"));
-        let mlp = ModelConfig::Mlp(crate::model::MlpConfig::new(2))
+        let mlp = ModelConfig::Mlp(crate::nn::MlpConfig::new(2))
             .build(&mut Rng::new(0), &Device::Cpu, DType::F32)
             .unwrap()
             .0;

@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::model::VelocityField;
+use crate::field::VelocityField;
 use crate::rng::Rng;
 use crate::solver::{solve, Adaptive, ErrorNorm, SolveOptions, SolverKind, Stats, StepControl};
 
@@ -219,6 +219,26 @@ pub fn log_likelihood(
     x: &Tensor,
     opts: &LikelihoodOptions,
 ) -> Result<LogLikelihood> {
+    let ll = likelihood_solve(field, x, opts, true)?;
+    ll.ok_or_else(|| Error::Config("the likelihood solve stopped".into()))
+}
+
+/// [`log_likelihood`], or `None` when its ODE solve stops early (step limit, step-size underflow).
+pub fn log_likelihood_unless_stopped(
+    field: &dyn VelocityField,
+    x: &Tensor,
+    opts: &LikelihoodOptions,
+) -> Result<Option<LogLikelihood>> {
+    likelihood_solve(field, x, opts, false)
+}
+
+/// The likelihood's solve from t = 1 to 0; a stop is an error when `throw`, `None` otherwise.
+fn likelihood_solve(
+    field: &dyn VelocityField,
+    x: &Tensor,
+    opts: &LikelihoodOptions,
+    throw: bool,
+) -> Result<Option<LogLikelihood>> {
     let b = x.dim(0)?;
     let example: Vec<usize> = x.dims()[1..].to_vec();
     let dim: usize = example.iter().product();
@@ -268,12 +288,15 @@ pub fn log_likelihood(
         &z1,
         1.0,
         0.0,
-        &SolveOptions {
-            control,
-            grid: vec![],
-            keep_trajectory: false,
+        &if throw {
+            SolveOptions::with_control(control)
+        } else {
+            SolveOptions::with_control(control).no_throw()
         },
     )?;
+    if !sol.status.is_completed() {
+        return Ok(None);
+    }
     let x0 = sol.x.narrow(1, 0, dim)?;
     let c0: Vec<f64> = sol
         .x
@@ -285,17 +308,17 @@ pub fn log_likelihood(
     let log_p = log_p0.iter().zip(&c0).map(|(a, c)| a + c).collect();
     let mut shape = vec![b];
     shape.extend(example);
-    Ok(LogLikelihood {
+    Ok(Some(LogLikelihood {
         log_p,
         x0: x0.reshape(shape)?,
         stats: sol.stats,
-    })
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::path::column;
+    use crate::tensor::column;
     use candle_core::Device;
 
     /// The exact marginal field of the CondOT path for data N(m, R diag(s^2) R), R a Householder reflection
@@ -425,7 +448,7 @@ mod tests {
     /// The forward-mode path (fused MLP engine) gives the autograd path's log-likelihoods.
     #[test]
     fn forward_mode_matches_autograd() {
-        use crate::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+        use crate::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
         let cfg = MlpConfig {
             dim: 3,
             hidden: 16,
@@ -437,7 +460,7 @@ mod tests {
             .build(&mut Rng::new(5), &Device::Cpu, DType::F32)
             .unwrap();
         let fast = model.frozen().unwrap();
-        assert!(matches!(fast, crate::model::Model::FastMlp(_)));
+        assert!(matches!(fast, crate::nn::Model::FastMlp(_)));
         let x = Tensor::from_vec(Rng::new(6).normal_vec(60), (20, 3), &Device::Cpu).unwrap();
         for div in [
             Divergence::Exact,

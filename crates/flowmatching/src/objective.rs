@@ -14,16 +14,16 @@
 //! ```
 //!
 //! The VP path's beta and alpha are written in diffusion time s = 1 - t, hence beta(1 - t).
-//! The score target -x0 / sigma_t diverges as sigma_t -> 0 at the data end (the seed's point about target
-//! scale). We keep each objective as defined and guard only the end point: the VP schedule is evaluated at
-//! s >= 1e-5 (the epsilon of Song et al.'s VP SDE training), so sigma_t >= about 1e-3 and the largest score
+//! The score target -x0 / sigma_t diverges as sigma_t -> 0 at the data end (the flow-matching paper's
+//! point about target scale). We keep each objective as defined and guard only the end point: the VP
+//! schedule is evaluated at s >= 1e-5 (the epsilon of Song et al.'s VP SDE training), so sigma_t >= about 1e-3 and the largest score
 //! target is about 1000 |x0|. Gradient-norm clipping, the same for all objectives, bounds the steps.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::path::Prediction;
-use crate::scheduler::{SchedulerConfig, VP};
+use crate::path::{SchedulerConfig, VP};
 
 /// The per-time loss weight lambda(t).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -96,10 +96,7 @@ impl Objective {
 
     /// Path, prediction and weighting.
     pub fn parts(&self) -> (SchedulerConfig, Prediction, Weighting) {
-        let vp = SchedulerConfig::Vp {
-            beta_min: 0.1,
-            beta_max: 20.0,
-        };
+        let vp = SchedulerConfig::default_vp();
         match self {
             Objective::FmOt => (
                 SchedulerConfig::CondOt { sigma_min: 1e-5 },
@@ -126,10 +123,7 @@ mod tests {
     #[test]
     fn optimal_predictions_convert_to_the_same_velocity() {
         let data = Tensor::new(&[[1.0f64, 0.5], [-1.0, 1.5], [0.3, -2.0]], &Device::Cpu).unwrap();
-        let vp = SchedulerConfig::Vp {
-            beta_min: 0.1,
-            beta_max: 20.0,
-        };
+        let vp = SchedulerConfig::default_vp();
         let field = EmpiricalField::new(AffinePath::from_config(&vp).unwrap(), &data).unwrap();
         let path = AffinePath::from_config(&vp).unwrap();
         let x = Tensor::new(
@@ -149,10 +143,7 @@ mod tests {
 
     #[test]
     fn weights() {
-        let vp = SchedulerConfig::Vp {
-            beta_min: 0.1,
-            beta_max: 20.0,
-        };
+        let vp = SchedulerConfig::default_vp();
         let w = Weighting::Beta.weights(&vp, &[0.0, 1.0]).unwrap().unwrap();
         assert!((w[0] - 20.0).abs() < 1e-12 && (w[1] - 0.1).abs() < 1e-3);
         let s = Weighting::SigmaSquared
@@ -160,7 +151,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let o = VP::default();
-        assert!((s[0] - crate::scheduler::Scheduler::at(&o, 0.5).sigma_t.powi(2)).abs() < 1e-15);
+        assert!((s[0] - crate::path::Scheduler::at(&o, 0.5).sigma_t.powi(2)).abs() < 1e-15);
         assert!(Weighting::Beta
             .weights(&SchedulerConfig::CondOt { sigma_min: 0.0 }, &[0.5])
             .is_err());

@@ -1,13 +1,15 @@
-//! The seed's theory, checked on small finite data sets where the marginal field is known exactly.
+//! The flow-matching paper's theory (Lipman et al., Theorems 1-3), checked on small finite data sets
+//! where the marginal field is known exactly.
 
 use candle_core::{DType, Device, Tensor};
 use flowmatching::data::{DataSource, TensorDataset};
 use flowmatching::empirical::EmpiricalField;
-use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding, VelocityField};
+use flowmatching::field::VelocityField;
+use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
 use flowmatching::objective::Weighting;
 use flowmatching::path::{AffinePath, Prediction};
+use flowmatching::path::{CondOT, SchedulerConfig, VP};
 use flowmatching::rng::Rng;
-use flowmatching::scheduler::{CondOT, SchedulerConfig, VP};
 use flowmatching::solver::{integrate, Midpoint};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
@@ -65,10 +67,7 @@ fn draw(n: usize, seed: u64) -> (Tensor, Tensor, Vec<f64>) {
 fn cfm_and_fm_losses_differ_by_a_constant() {
     for sched in [
         SchedulerConfig::CondOt { sigma_min: 0.05 },
-        SchedulerConfig::Vp {
-            beta_min: 0.1,
-            beta_max: 20.0,
-        },
+        SchedulerConfig::default_vp(),
     ] {
         let field =
             EmpiricalField::new(AffinePath::from_config(&sched).unwrap(), &points()).unwrap();

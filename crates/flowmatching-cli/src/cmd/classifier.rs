@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use flowmatching::classifier::{train_classifier, ClassifierConfig, ClassifierTraining};
 use flowmatching::data::DataSource;
+use flowmatching::eval::classifier::{train_classifier, ClassifierConfig, ClassifierTraining};
 
 use crate::cli::{ClassifierArgs, ClassifierCommand};
 use crate::{io, progress};

@@ -5,19 +5,21 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 use flowmatching::data::{DataSource, Toy2d};
-use flowmatching::metrics::{checkerboard_support, energy_distance};
-use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::eval::metrics::{checkerboard_support, energy_distance};
+use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
+use flowmatching::path::SchedulerConfig;
 use flowmatching::rng::Rng;
-use flowmatching::scheduler::SchedulerConfig;
+use flowmatching::sample::transport;
 use flowmatching::solver::{SolveOptions, SolverKind};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
 use crate::cli::DemoArgs;
-use crate::cmd::{sample, train};
+use crate::resolve::initial_points;
+use crate::training::run_loop;
 use crate::{io, plot};
 
 /// Solver settings of the demo's sampling.
@@ -26,7 +28,7 @@ const SOLVER_STEPS: usize = 50;
 
 /// The demo's model and optimiser: a 3-hidden x4-2 SiLU MLP on the CondOT path, AdamW with warm-up and
 /// cosine decay.
-pub fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) -> RunConfig {
+fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) -> RunConfig {
     RunConfig {
         format_version: FORMAT_VERSION,
         model: ModelConfig::Mlp(MlpConfig {
@@ -90,21 +92,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "demo: training a flow-matching MLP on checkerboard for {} steps",
         a.steps
     );
-    let outcome = train::run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
+    let outcome = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
     if outcome.interrupted {
         return Ok(());
     }
     let model = trainer.ema_model()?;
     let start = Instant::now();
     let opts = SolveOptions::constant(SOLVER_STEPS);
-    let (x, sol) = sample::draw(
-        &model,
-        trainer.config(),
-        a.num_samples,
-        SOLVER,
-        &opts,
-        a.seed + 1,
-    )?;
+    let x0 = initial_points(trainer.config(), a.num_samples, a.seed + 1)?;
+    let (x, sol) = transport(&model, trainer.config(), x0, SOLVER, &opts)?;
     let sample_seconds = start.elapsed().as_secs_f64();
     // Fresh data from streams the training never used.
     let reference = data.sample(&mut Rng::new(a.seed).fork(100), a.num_samples);

@@ -10,18 +10,18 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::classifier::{Classifier, FEATURES};
 use flowmatching::data::DataSource;
-use flowmatching::frechet::{frechet_distance, GaussianStats};
+use flowmatching::eval::classifier::FEATURES;
+use flowmatching::eval::frechet::{frechet_distance, GaussianStats};
 use flowmatching::rng::Rng;
+use flowmatching::sample::Conditioning;
 use flowmatching::solver::{SolveOptions, Stats};
 use serde::Serialize;
 
 use crate::cli::ImageEvalArgs;
-use crate::cmd::sample::{control, draw_batched, solver_kind, Conditioning};
-use crate::{images, io};
+use crate::resolve::{control, load_classifier, solver_kind};
+use crate::{images, io, sampling};
 
 #[derive(Debug, Serialize)]
 struct References {
@@ -52,7 +52,7 @@ struct GuidedResult {
 struct Report {
     checkpoint: String,
     step: u64,
-    model: flowmatching::model::ModelConfig,
+    model: flowmatching::nn::ModelConfig,
     device: String,
     solver: String,
     num_samples: usize,
@@ -63,30 +63,6 @@ struct Report {
 
 fn clamp(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
-}
-
-pub(crate) fn stats_of(clf: &Classifier, rows: &[f32], device: &Device) -> Result<GaussianStats> {
-    let f = clf.features_of(rows, 500, device)?;
-    Ok(GaussianStats::of(&f, FEATURES)?)
-}
-
-/// The evaluation classifier at `path`, checked to take images of `shape`.
-pub(crate) fn load_classifier(
-    path: &Path,
-    shape: [usize; 3],
-    device: &Device,
-) -> Result<Classifier> {
-    let clf = Classifier::load(path, device)?;
-    let c = clf.config();
-    if [c.channels, c.height, c.width] != shape {
-        bail!(
-            "the classifier takes {}x{}x{} images but the images here are {shape:?}",
-            c.channels,
-            c.height,
-            c.width
-        );
-    }
-    Ok(clf)
 }
 
 /// The first `n` rows of a random permutation of `rows`.
@@ -127,17 +103,17 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     }
     let mut rng = Rng::new(a.seed).fork(7);
     eprintln!("reference statistics (classifier features of real and Gaussian images)...");
-    let test_stats = stats_of(&clf, test.rows(), &device)?;
+    let test_stats = clf.feature_stats(test.rows(), &device)?;
     let classifier_test_accuracy = match test.labels() {
         Some(l) => clf.accuracy(test.rows(), l, &device)?,
         None => f64::NAN,
     };
     let real = subset(train.rows(), dim, a.num_samples, &mut rng);
-    let fd_train_vs_test = frechet_distance(&stats_of(&clf, &real, &device)?, &test_stats)?;
+    let fd_train_vs_test = frechet_distance(&clf.feature_stats(&real, &device)?, &test_stats)?;
     let pixels = GaussianStats::of(&real, dim)?;
     let mut gauss = pixels.sample(&mut rng, a.num_samples)?;
     clamp(&mut gauss);
-    let fd_gaussian_vs_test = frechet_distance(&stats_of(&clf, &gauss, &device)?, &test_stats)?;
+    let fd_gaussian_vs_test = frechet_distance(&clf.feature_stats(&gauss, &device)?, &test_stats)?;
     images::write_grid(
         &a.out.join("gaussian.png"),
         &gauss[..dim * 100.min(a.num_samples)],
@@ -153,11 +129,7 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
 
     let model = ckpt.model(&device, true)?;
     let kind = solver_kind(a.solver);
-    let solve_opts = SolveOptions {
-        control: control(kind, a.steps, &a.tol)?,
-        grid: vec![],
-        keep_trajectory: false,
-    };
+    let solve_opts = SolveOptions::with_control(control(kind, a.steps, &a.tol)?);
     let weights: Vec<Option<f64>> = if k == 0 {
         vec![None]
     } else {
@@ -167,20 +139,21 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     for w in weights {
         let start = Instant::now();
         let cond = w.map(|w| Conditioning::blocks(a.num_samples, k, w));
-        let (mut x, stats) = draw_batched(
+        let drawn = sampling::draw(
             &model,
             config,
             a.num_samples,
+            a.seed,
             kind,
             &solve_opts,
-            a.seed,
             cond.as_ref(),
             &device,
             a.batch,
         )?;
+        let (mut x, stats) = (drawn.x, drawn.stats);
         clamp(&mut x);
         let seconds = start.elapsed().as_secs_f64();
-        let fd = frechet_distance(&stats_of(&clf, &x, &device)?, &test_stats)?;
+        let fd = frechet_distance(&clf.feature_stats(&x, &device)?, &test_stats)?;
         let class_accuracy = match &cond {
             Some(c) => Some(clf.accuracy(&x, &c.labels, &device)?),
             None => None,

@@ -5,18 +5,17 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::data::DataSource;
 use flowmatching::likelihood::{
     bits_per_dim, log_likelihood, mean_and_se, Divergence, LikelihoodOptions, Probe,
 };
-use flowmatching::path::{AffinePath, AsVelocity};
-use flowmatching::rng::Rng;
+use flowmatching::sample::RunField;
 use flowmatching::solver::{SolverKind, StepControl};
 use serde::Serialize;
 
 use crate::cli::LikelihoodArgs;
-use crate::cmd::sample;
-use crate::{images, io};
+use crate::io;
+use crate::io::{dequantized_images, points};
+use crate::resolve;
 
 #[derive(Serialize)]
 struct Report {
@@ -33,42 +32,6 @@ struct Report {
     nfe_mean: f64,
     nfe_total: usize,
     seconds: f64,
-}
-
-/// Up to `n` images from an image set, uniformly dequantized: each pixel byte b becomes
-/// (b + u) / 128 - 1 with u ~ U[0, 1), so the data have a density and bits/dim use the scale 2/256.
-pub(crate) fn dequantized_images(
-    spec: &str,
-    opts: &io::DataOptions,
-    n: Option<usize>,
-    seed: u64,
-) -> Result<(Vec<f32>, usize)> {
-    let ds = io::open_image_set(spec, opts)?;
-    let dim = ds.dim();
-    let take = n.unwrap_or(ds.len()).min(ds.len());
-    let mut rng = Rng::new(seed).fork(201);
-    let rows = ds.rows()[..take * dim]
-        .iter()
-        .map(|&v| ((images::to_byte(v) as f64 + rng.uniform()) / 128.0 - 1.0) as f32)
-        .collect();
-    Ok((rows, dim))
-}
-
-/// Up to `n` points from `spec`: the first rows of a file, or fresh draws from a built-in set.
-pub fn points(spec: &str, n: Option<usize>, seed: u64) -> Result<(Vec<f32>, usize)> {
-    let data = io::open_data(spec)?;
-    let dim = data.dim();
-    let rows = match (n, io::file_rows(spec)?) {
-        (_, Some(all)) => {
-            let take = n.unwrap_or(all.len() / dim).min(all.len() / dim);
-            all[..take * dim].to_vec()
-        }
-        (n, None) => data.sample(&mut Rng::new(seed).fork(200), n.unwrap_or(10_000)),
-    };
-    if rows.is_empty() {
-        bail!("no points to evaluate");
-    }
-    Ok((rows, dim))
 }
 
 pub fn run(a: &LikelihoodArgs) -> Result<()> {
@@ -111,16 +74,11 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
         );
     }
     let model = ckpt.model(&device, !a.raw_weights)?;
-    let path = AffinePath::from_config(&config.path)?;
-    let field = AsVelocity {
-        field: &model,
-        path: &path,
-        prediction: config.prediction,
-    };
+    let field = RunField::new(&model, config)?;
     let opts = LikelihoodOptions {
         divergence,
         solver: SolverKind::Dopri5,
-        control: StepControl::Adaptive(sample::adaptive(&a.tol)?),
+        control: StepControl::Adaptive(resolve::adaptive(&a.tol)?),
         seed: a.seed,
     };
     let n = rows.len() / dim;

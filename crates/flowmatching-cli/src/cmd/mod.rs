@@ -1,7 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into library calls.
 
 pub mod ablate;
-pub mod bench;
 pub mod classifier;
 pub mod couplings;
 pub mod demo;

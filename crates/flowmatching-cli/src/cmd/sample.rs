@@ -1,79 +1,19 @@
 //! `flowmatching sample`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::guidance::Guided;
-use flowmatching::model::{Model, VelocityField};
-use flowmatching::path::{AffinePath, AsVelocity};
-use flowmatching::rng::Rng;
-use flowmatching::solver::{
-    solve, Adaptive, ErrorNorm, Solution, SolveOptions, SolverKind, Stats, StepControl,
-};
-use flowmatching::train::RunConfig;
+use flowmatching::nn::Model;
+use flowmatching::sample::{transport, Conditioning};
+use flowmatching::solver::{SolveOptions, SolverKind, Stats, StepControl};
 use serde::Serialize;
 
-use crate::cli::{SampleArgs, SolverArg, ToleranceArgs};
-use crate::{images, io, plot, progress};
-
-/// Draws `n` samples from noise (or the run's source) seeded by `seed`, integrating from t = 0 to t = 1.
-pub fn draw(
-    model: &Model,
-    config: &RunConfig,
-    n: usize,
-    solver: SolverKind,
-    opts: &SolveOptions,
-    seed: u64,
-) -> Result<(Vec<f32>, Solution)> {
-    transport(
-        model,
-        config,
-        initial_points(config, n, seed)?,
-        solver,
-        opts,
-    )
-}
-
-/// Integrates the rows of `x0` from t = 0 to t = 1 on the CPU; returns the end points and the solution.
-pub fn transport(
-    model: &Model,
-    config: &RunConfig,
-    x0: Vec<f32>,
-    solver: SolverKind,
-    opts: &SolveOptions,
-) -> Result<(Vec<f32>, Solution)> {
-    let dim = config.model.dim();
-    let path = AffinePath::from_config(&config.path)?;
-    let field = AsVelocity {
-        field: model,
-        path: &path,
-        prediction: config.prediction,
-    };
-    let n = x0.len() / dim;
-    let x0 = Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
-    let sol = solve(&field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
-    let x: Vec<f32> = sol.x.flatten_all()?.to_vec1()?;
-    Ok((x, sol))
-}
-
-/// The points integration starts from: N(0, I) noise, or draws from the run's source distribution when
-/// it was trained from one (`train --source`).
-pub fn initial_points(config: &RunConfig, n: usize, seed: u64) -> Result<Vec<f32>> {
-    let dim = config.model.dim();
-    match &config.source {
-        None => Ok(Rng::new(seed).normal_vec(n * dim)),
-        Some(spec) => {
-            let source = io::open_data(spec)?;
-            if source.dim() != dim {
-                bail!("the run's source {spec} is not {dim}-dimensional");
-            }
-            Ok(source.sample(&mut Rng::new(seed), n))
-        }
-    }
-}
+use crate::cli::SampleArgs;
+use crate::resolve::{beside, control, initial_points, solver_kind};
+use crate::{images, io, plot, sampling};
 
 /// The start points of `--x0`: the rows of a .npy / .csv file, checked against the model's dimension.
 fn start_points(file: &Path, dim: usize) -> Result<Vec<f32>> {
@@ -99,113 +39,6 @@ fn start_points(file: &Path, dim: usize) -> Result<Vec<f32>> {
         );
     }
     Ok(rows)
-}
-
-/// Class labels and guidance weight for a class-conditional model.
-pub struct Conditioning {
-    /// One label per sample.
-    pub labels: Vec<u32>,
-    /// Classifier-free guidance weight w (0: unconditional, 1: conditional).
-    pub guidance: f64,
-}
-
-impl Conditioning {
-    /// `n` labels in equal consecutive blocks over the `k` classes (row r of a k-row grid is class r).
-    pub fn blocks(n: usize, k: usize, guidance: f64) -> Self {
-        Self {
-            labels: (0..n).map(|i| (i * k / n) as u32).collect(),
-            guidance,
-        }
-    }
-}
-
-/// Draws `n` samples in batches of `batch` rows on `device`: the noise is drawn for all rows at once from
-/// `seed`, so the samples do not depend on the batch size (for constant steps). Returns the samples and
-/// the statistics of the costliest batch (NFE counts network calls per batch, 2 per guided call).
-#[allow(clippy::too_many_arguments)]
-pub fn draw_batched(
-    model: &Model,
-    config: &RunConfig,
-    n: usize,
-    solver: SolverKind,
-    opts: &SolveOptions,
-    seed: u64,
-    cond: Option<&Conditioning>,
-    device: &Device,
-    batch: usize,
-) -> Result<(Vec<f32>, Stats)> {
-    let dim = config.model.dim();
-    let path = AffinePath::from_config(&config.path)?;
-    let noise = initial_points(config, n, seed)?;
-    let mut out = Vec::with_capacity(n * dim);
-    let mut worst = Stats::default();
-    let bar = progress::counter_bar(n as u64, "samples");
-    for (i, chunk) in noise.chunks(batch.max(1) * dim).enumerate() {
-        let rows = chunk.len() / dim;
-        let x0 = Tensor::from_slice(chunk, (rows, dim), device)?;
-        let guided;
-        let inner: &dyn VelocityField = match cond {
-            Some(c) => {
-                let start = i * batch.max(1);
-                guided = Guided::new(model, &c.labels[start..start + rows], c.guidance)?;
-                &guided
-            }
-            None => model,
-        };
-        let field = AsVelocity {
-            field: inner,
-            path: &path,
-            prediction: config.prediction,
-        };
-        let sol = solve(&field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
-        out.extend(sol.x.flatten_all()?.to_vec1::<f32>()?);
-        if sol.stats.nfe >= worst.nfe {
-            worst = sol.stats;
-        }
-        bar.inc(rows as u64);
-    }
-    bar.finish_and_clear();
-    Ok((out, worst))
-}
-
-pub fn solver_kind(s: SolverArg) -> SolverKind {
-    match s {
-        SolverArg::Euler => SolverKind::Euler,
-        SolverArg::Midpoint => SolverKind::Midpoint,
-        SolverArg::Heun => SolverKind::Heun,
-        SolverArg::Rk4 => SolverKind::Rk4,
-        SolverArg::Dopri5 => SolverKind::Dopri5,
-    }
-}
-
-/// Adaptive control from the tolerance options.
-pub fn adaptive(tol: &ToleranceArgs) -> Result<Adaptive> {
-    let norm = if tol.per_sample {
-        ErrorNorm::PerSample
-    } else {
-        ErrorNorm::Batch
-    };
-    Ok(Adaptive::new(tol.rtol, tol.atol)?.with_norm(norm))
-}
-
-/// The step control for a solver choice: dopri5 adapts, the others take `steps` equal steps.
-pub fn control(kind: SolverKind, steps: usize, tol: &ToleranceArgs) -> Result<StepControl> {
-    if kind == SolverKind::Dopri5 {
-        return Ok(StepControl::Adaptive(adaptive(tol)?));
-    }
-    if steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    Ok(StepControl::Constant { steps })
-}
-
-/// `samples.npy` -> `samples.<suffix>`.
-pub fn beside(out: &Path, suffix: &str) -> PathBuf {
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "samples".into());
-    out.with_file_name(format!("{stem}.{suffix}"))
 }
 
 #[derive(Serialize)]
@@ -265,11 +98,7 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     };
     let num_samples = x0.len() / dim;
     let start = Instant::now();
-    let opts = SolveOptions {
-        control,
-        grid,
-        keep_trajectory: false,
-    };
+    let opts = SolveOptions::with_control(control).grid(grid);
     let (x, sol) = transport(&model, config, x0, kind, &opts)?;
     let seconds = start.elapsed().as_secs_f64();
     io::write_npy(&a.out, &x, &[num_samples, dim])?;
@@ -367,23 +196,20 @@ fn run_images(
             })
         })
         .transpose()?;
-    let opts = SolveOptions {
-        control,
-        grid: vec![],
-        keep_trajectory: false,
-    };
+    let opts = SolveOptions::with_control(control);
     let start = Instant::now();
-    let (x, stats) = draw_batched(
+    let drawn = sampling::draw(
         model,
         config,
         a.num_samples,
+        a.seed,
         kind,
         &opts,
-        a.seed,
         cond.as_ref(),
         device,
         a.batch,
     )?;
+    let (x, stats) = (drawn.x, drawn.stats);
     let seconds = start.elapsed().as_secs_f64();
     let shape = config
         .model

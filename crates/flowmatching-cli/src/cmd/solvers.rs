@@ -3,13 +3,14 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::metrics::{checkerboard_support, energy_distance};
+use flowmatching::eval::metrics::{checkerboard_support, energy_distance};
+use flowmatching::sample::transport;
 use flowmatching::solver::{Adaptive, SolveOptions, SolverKind, StepControl};
 use serde::Serialize;
 
 use crate::cli::SolversArgs;
-use crate::cmd::{likelihood, sample};
 use crate::io;
+use crate::resolve::initial_points;
 
 #[derive(Serialize)]
 struct Row {
@@ -28,7 +29,7 @@ pub fn run(a: &SolversArgs) -> Result<()> {
     let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
     let config = &ckpt.meta.config;
     let model = ckpt.model(&Device::Cpu, true)?;
-    let (reference, dim) = likelihood::points(&a.data, Some(a.num_samples), a.seed + 1)?;
+    let (reference, dim) = io::points(&a.data, Some(a.num_samples), a.seed + 1)?;
     if dim != config.model.dim() {
         bail!(
             "the model is {}-dimensional but {} has {dim} columns",
@@ -66,12 +67,9 @@ pub fn run(a: &SolversArgs) -> Result<()> {
     );
     for (kind, setting, control) in runs {
         let start = std::time::Instant::now();
-        let opts = SolveOptions {
-            control,
-            grid: vec![],
-            keep_trajectory: false,
-        };
-        let (x, sol) = sample::draw(&model, config, a.num_samples, kind, &opts, a.seed)?;
+        let opts = SolveOptions::with_control(control);
+        let x0 = initial_points(config, a.num_samples, a.seed)?;
+        let (x, sol) = transport(&model, config, x0, kind, &opts)?;
         let row = Row {
             solver: kind,
             setting,

@@ -1,89 +1,18 @@
 //! `flowmatching train`.
 
-use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
-
 use anyhow::{bail, Context, Result};
 use flowmatching::checkpoint::{self, Checkpoint};
 use flowmatching::data::DataSource;
-use flowmatching::model::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig};
+use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
-use flowmatching::scheduler::SchedulerConfig;
+use flowmatching::path::SchedulerConfig;
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ActivationArg, LrDecayArg, ModelArg, PathArg, TimeArg, TrainArgs, UNetPreset};
 use crate::io;
-use crate::progress;
-
-/// How a training loop ended.
-pub struct Outcome {
-    pub last_loss: f64,
-    pub seconds: f64,
-    pub interrupted: bool,
-}
-
-/// Runs the trainer to its configured total, with a progress bar and periodic checkpoints in `out`.
-/// On Ctrl-C it saves a checkpoint and returns with `interrupted` set.
-pub fn run_loop(
-    trainer: &mut Trainer,
-    data: &dyn DataSource,
-    source: Option<&dyn DataSource>,
-    out: &Path,
-    every: u64,
-    max_minutes: Option<f64>,
-) -> Result<Outcome> {
-    let total = trainer.config().train.steps;
-    let bar = progress::training_bar(total, trainer.step_count());
-    let stop = progress::interrupt_flag();
-    let start = Instant::now();
-    let mut loss = f64::NAN;
-    let mut smoothed = None::<f64>;
-    while trainer.step_count() < total {
-        loss = match trainer.step_from(data, source) {
-            Ok(l) => l,
-            Err(e) => {
-                bar.abandon();
-                bail!("{e}\nthe last good checkpoint is in {}", out.display());
-            }
-        };
-        let s = smoothed.map_or(loss, |s| 0.98 * s + 0.02 * loss);
-        smoothed = Some(s);
-        let step = trainer.step_count();
-        bar.set_position(step);
-        if step.is_multiple_of(20) || step == total {
-            bar.set_message(format!("{s:.4}"));
-        }
-        if every > 0 && step.is_multiple_of(every) && step < total {
-            checkpoint::save(trainer, out, Some(loss))?;
-        }
-        let out_of_time = max_minutes.is_some_and(|m| start.elapsed().as_secs_f64() > 60.0 * m);
-        if stop.load(Ordering::SeqCst) || out_of_time {
-            bar.abandon();
-            checkpoint::save(trainer, out, Some(loss))?;
-            eprintln!(
-                "{} at step {step}; checkpoint saved in {}. Resume with the same command plus --resume.",
-                if out_of_time { "time limit reached" } else { "interrupted" },
-                out.display()
-            );
-            return Ok(Outcome {
-                last_loss: loss,
-                seconds: start.elapsed().as_secs_f64(),
-                interrupted: true,
-            });
-        }
-    }
-    bar.finish();
-    let seconds = start.elapsed().as_secs_f64();
-    checkpoint::save(trainer, out, Some(loss))?;
-    Ok(Outcome {
-        last_loss: loss,
-        seconds,
-        interrupted: false,
-    })
-}
+use crate::training::{report_done, run_loop};
 
 /// The network the command line asks for, for data of this shape.
 fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> {
@@ -136,10 +65,7 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
         PathArg::Ot => SchedulerConfig::CondOt {
             sigma_min: a.sigma_min,
         },
-        PathArg::Vp => SchedulerConfig::Vp {
-            beta_min: 0.1,
-            beta_max: 20.0,
-        },
+        PathArg::Vp => SchedulerConfig::default_vp(),
         PathArg::Cosine => SchedulerConfig::Cosine,
         PathArg::Poly => SchedulerConfig::Polynomial { n: 2.0 },
     };
@@ -222,17 +148,4 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     )?;
     report_done(&trainer, &o, &a.out);
     Ok(())
-}
-
-/// The line that ends a finished training run (scripts parse its "done: N steps in S s").
-pub fn report_done(trainer: &Trainer, o: &Outcome, out: &Path) {
-    if !o.interrupted {
-        eprintln!(
-            "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
-            trainer.step_count(),
-            o.seconds,
-            o.last_loss,
-            out.display()
-        );
-    }
 }

@@ -1,7 +1,12 @@
 //! Step-size control: constant steps, or PI control of the local error with Hairer's initial step.
+//!
+//! [`StepControl`] is what a user asks for; [`Controller`] carries it out during a solve: it owns each
+//! row's next step size and previous error, picks the first step, proposes every step, and accepts or
+//! rejects each attempt (the solve loop only advances the rows it is told to).
 
 use candle_core::{DType, Tensor};
 
+use super::{axpy, Rhs, Step};
 use crate::error::{Error, Result};
 
 /// How the local error of a step is measured.
@@ -155,6 +160,257 @@ pub enum StepControl {
     Constant { steps: usize },
     /// Error-controlled steps (needs a solver with an embedded error estimate).
     Adaptive(Adaptive),
+}
+
+/// Why the controller stops a solve: the row (position among the active rows) and the reason.
+pub(crate) type Stop = (usize, &'static str);
+
+/// Which rows of an attempt are accepted, and their scaled errors; or the stop.
+pub(crate) type Verdict = std::result::Result<(Vec<bool>, Vec<f64>), Stop>;
+
+/// The step-size decisions of one solve, with one entry per active row.
+pub(crate) enum Controller {
+    /// `steps` equal steps from t0 to t1; `index` is the next one.
+    Constant {
+        t0: f64,
+        t1: f64,
+        steps: usize,
+        index: usize,
+    },
+    /// Error-controlled steps for a solver of order `order`.
+    Adaptive {
+        control: Adaptive,
+        order: usize,
+        /// The next step size of each row (signed in the direction of integration).
+        h: Vec<f64>,
+        /// The error of each row's last accepted step (at least 1e-4), for the PI term.
+        err_prev: Vec<f64>,
+    },
+}
+
+impl Controller {
+    pub(crate) fn new(control: StepControl, order: usize, t0: f64, t1: f64, n: usize) -> Self {
+        match control {
+            StepControl::Constant { steps } => Controller::Constant {
+                t0,
+                t1,
+                steps,
+                index: 0,
+            },
+            StepControl::Adaptive(control) => Controller::Adaptive {
+                control,
+                order,
+                h: vec![0.0; n],
+                err_prev: vec![1e-4; n],
+            },
+        }
+    }
+
+    /// Before the first step: with adaptive control, evaluates v(x0, t0) and picks each row's first
+    /// step (the given one, or Hairer's); returns that evaluation for the first step to reuse.
+    pub(crate) fn start(
+        &mut self,
+        rhs: &mut Rhs,
+        x0: &Tensor,
+        t0: f64,
+        t1: f64,
+    ) -> Result<Option<Tensor>> {
+        let Controller::Adaptive {
+            control, order, h, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let n = h.len();
+        let dir = if t1 >= t0 { 1.0 } else { -1.0 };
+        let f0 = rhs.eval(&vec![t0; n], x0)?;
+        *h = match control.initial_step {
+            Some(h) => vec![h.min((t1 - t0).abs()) * dir; n],
+            None => initial_step(rhs, control, *order, x0, &f0, t0, t1)?,
+        };
+        Ok(Some(f0))
+    }
+
+    /// The step of each row for the next attempt from times `t`: the next constant step, or the
+    /// controller's step cut to end at `t1`. A row that hit the step limit or the minimum step stops
+    /// the solve.
+    pub(crate) fn propose(
+        &self,
+        t: &[f64],
+        attempts: &[usize],
+        t1: f64,
+    ) -> std::result::Result<Vec<f64>, Stop> {
+        match self {
+            Controller::Constant {
+                t0,
+                t1: end,
+                steps,
+                index,
+            } => {
+                let at = |i: usize| t0 + (end - t0) * i as f64 / *steps as f64;
+                let ta = at(*index);
+                let tb = if index + 1 == *steps {
+                    *end
+                } else {
+                    at(index + 1)
+                };
+                Ok(t.iter()
+                    .map(|&t| {
+                        let (h, remaining) = (tb - ta, end - t);
+                        if h.abs() >= remaining.abs() {
+                            remaining
+                        } else {
+                            h
+                        }
+                    })
+                    .collect())
+            }
+            Controller::Adaptive { control, h, .. } => {
+                let mut out = h.clone();
+                for (k, h) in out.iter_mut().enumerate() {
+                    let remaining = t1 - t[k];
+                    if h.abs() >= remaining.abs() {
+                        *h = remaining;
+                    }
+                    if h.abs() < control.min_step {
+                        return Err((k, "the step size fell below the minimum step"));
+                    }
+                    if attempts[k] >= control.max_steps {
+                        return Err((k, "the maximum number of steps was reached"));
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The times every row starts its next constant step from (constant control only).
+    pub(crate) fn constant_start(&self) -> Option<f64> {
+        match self {
+            Controller::Constant {
+                t0,
+                t1,
+                steps,
+                index,
+            } => Some(t0 + (t1 - t0) * *index as f64 / *steps as f64),
+            Controller::Adaptive { .. } => None,
+        }
+    }
+
+    /// Judges an attempted step from `x` to `step.x`: which rows are accepted, and their scaled
+    /// errors. Constant steps are always accepted, unless the state stopped being finite.
+    pub(crate) fn assess(&self, step: &Step, x: &Tensor) -> Result<Verdict> {
+        let m = x.dim(0)?;
+        match self {
+            Controller::Constant { .. } => {
+                let largest: f64 = step.x.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar()?;
+                if !largest.is_finite() {
+                    return Ok(Err((0, "the state is no longer finite (NaN or Inf)")));
+                }
+                Ok(Ok((vec![true; m], vec![0.0; m])))
+            }
+            Controller::Adaptive { control, .. } => {
+                let e = step.error.as_ref().ok_or_else(|| {
+                    Error::Config("adaptive steps need a solver with an error estimate".into())
+                })?;
+                let mut err = control.norm_rows(e, x, Some(&step.x))?;
+                err.iter_mut().for_each(|e| {
+                    if !e.is_finite() {
+                        *e = f64::INFINITY
+                    }
+                });
+                if control.norm == ErrorNorm::Batch {
+                    pool(&mut err);
+                }
+                Ok(Ok((err.iter().map(|&e| e <= 1.0).collect(), err)))
+            }
+        }
+    }
+
+    /// After an attempt with step sizes `h`: the next step of each row (grown after an accepted step,
+    /// shrunk after a rejected one) and its memory of the last accepted error.
+    pub(crate) fn update(&mut self, h_used: &[f64], accept: &[bool], err: &[f64]) {
+        match self {
+            Controller::Constant { index, .. } => *index += 1,
+            Controller::Adaptive {
+                control,
+                order,
+                h,
+                err_prev,
+            } => {
+                for k in 0..h.len() {
+                    if accept[k] {
+                        h[k] = h_used[k] * control.accept_factor(err[k], err_prev[k], *order);
+                        err_prev[k] = err[k].max(1e-4);
+                    } else {
+                        h[k] = h_used[k] * control.reject_factor(err[k], *order);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the state of the rows `keep` (positions among the active rows).
+    pub(crate) fn keep(&mut self, keep: &[usize]) {
+        if let Controller::Adaptive { h, err_prev, .. } = self {
+            *h = keep.iter().map(|&k| h[k]).collect();
+            *err_prev = keep.iter().map(|&k| err_prev[k]).collect();
+        }
+    }
+
+    /// The next step size of row `k` (0 for constant control), for reports.
+    pub(crate) fn step_of(&self, k: usize) -> f64 {
+        match self {
+            Controller::Adaptive { h, .. } => h.get(k).copied().unwrap_or(0.0),
+            Controller::Constant { .. } => 0.0,
+        }
+    }
+}
+
+/// Hairer, Norsett and Wanner's starting step (Solving ODEs I, II.4): one extra evaluation.
+fn initial_step(
+    rhs: &mut Rhs,
+    a: &Adaptive,
+    order: usize,
+    x0: &Tensor,
+    f0: &Tensor,
+    t0: f64,
+    t1: f64,
+) -> Result<Vec<f64>> {
+    let span = (t1 - t0).abs();
+    let dir = if t1 >= t0 { 1.0 } else { -1.0 };
+    let order = order as f64;
+    let d0 = a.norm_rows(x0, x0, None)?;
+    let d1 = a.norm_rows(f0, x0, None)?;
+    let h0: Vec<f64> = d0
+        .iter()
+        .zip(&d1)
+        .map(|(&d0, &d1)| {
+            if d0 < 1e-5 || d1 < 1e-5 {
+                1e-6
+            } else {
+                0.01 * d0 / d1
+            }
+        })
+        .map(|h: f64| h.min(span))
+        .collect();
+    let signed: Vec<f64> = h0.iter().map(|h| h * dir).collect();
+    let x1 = axpy(x0, &signed, f0)?;
+    let t_1: Vec<f64> = signed.iter().map(|h| t0 + h).collect();
+    let f1 = rhs.eval(&t_1, &x1)?;
+    let diff = a.norm_rows(&(f1 - f0)?, x0, None)?;
+    Ok((0..h0.len())
+        .map(|i| {
+            let d2 = diff[i] / h0[i];
+            let dmax = d1[i].max(d2);
+            let h1 = if dmax <= 1e-15 {
+                (h0[i] * 1e-3).max(1e-6)
+            } else {
+                (0.01 / dmax).powf(1.0 / order)
+            };
+            (100.0 * h0[i]).min(h1).min(span) * dir
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! - a [`Solver`] takes one step (and, if it has an embedded pair, estimates its error):
 //!   [`Euler`], [`Midpoint`], [`Heun`], [`Rk4`], [`Dopri5`];
 //! - a [`StepControl`] chooses the steps: constant, or PI control of the local error ([`Adaptive`]);
-//! - [`solve`] drives both and returns the state with [`Stats`]; NFE counts calls of the vector field
+//! - [`solve`] drives both and returns the state with [`Stats`] and a [`Status`]; NFE counts calls of the vector field
 //!   (network evaluations), never steps.
 //!
 //! Times may run either way: t0 = 0 -> t1 = 1 samples (noise to data), t0 = 1 -> t1 = 0 encodes.
@@ -17,14 +17,15 @@ mod solve;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::SolveStop;
 pub use controller::{Adaptive, ErrorNorm, StepControl};
 pub use dopri5::Dopri5;
 pub use explicit::{Euler, Heun, Midpoint, Rk4};
-pub use solve::{integrate, solve, Solution, SolveError, SolveOptions};
+pub use solve::{integrate, solve, Solution, SolveOptions, Status};
 
 use crate::error::Result;
-use crate::model::VelocityField;
-use crate::path::column;
+use crate::field::VelocityField;
+use crate::tensor::column;
 
 /// What a solve cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,12 +1,13 @@
-//! The solve loop: a solver, a step control and a vector field in; the state and [`Stats`] out.
+//! The solve loop: a solver, a step controller and a vector field in; the state, [`Stats`] and a
+//! [`Status`] out, as diffrax's `diffeqsolve` does.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::controller::{pool, Adaptive, ErrorNorm, StepControl};
+use super::controller::{Adaptive, Controller, ErrorNorm, StepControl, Stop};
 use super::{Dense, Rhs, Solver, Stats};
-use crate::error::{Error, Result};
-use crate::model::VelocityField;
-use crate::path::column;
+use crate::error::{Error, Result, SolveStop};
+use crate::field::VelocityField;
+use crate::tensor::column;
 
 /// What to solve for besides the final state.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,23 +18,63 @@ pub struct SolveOptions {
     pub grid: Vec<f64>,
     /// Keep the state after every accepted step (not available with per-sample error control).
     pub keep_trajectory: bool,
+    /// A solve that stops early is an [`Error::SolverStopped`] (true, the default) or a [`Solution`]
+    /// whose [`Status`] says where it stopped (false), as diffrax's `throw`.
+    pub throw: bool,
 }
 
 impl SolveOptions {
+    /// `steps` equal steps.
     pub fn constant(steps: usize) -> Self {
+        Self::with_control(StepControl::Constant { steps })
+    }
+
+    /// Error-controlled steps.
+    pub fn adaptive(a: Adaptive) -> Self {
+        Self::with_control(StepControl::Adaptive(a))
+    }
+
+    /// The final state only, under `control`; a stop is an error.
+    pub fn with_control(control: StepControl) -> Self {
         Self {
-            control: StepControl::Constant { steps },
+            control,
             grid: vec![],
             keep_trajectory: false,
+            throw: true,
         }
     }
 
-    pub fn adaptive(a: Adaptive) -> Self {
-        Self {
-            control: StepControl::Adaptive(a),
-            grid: vec![],
-            keep_trajectory: false,
-        }
+    /// Also the states at the times `grid`.
+    pub fn grid(mut self, grid: Vec<f64>) -> Self {
+        self.grid = grid;
+        self
+    }
+
+    /// Also the state after every accepted step.
+    pub fn trajectory(mut self) -> Self {
+        self.keep_trajectory = true;
+        self
+    }
+
+    /// A stop is reported in [`Solution::status`] instead of as an error.
+    pub fn no_throw(mut self) -> Self {
+        self.throw = false;
+        self
+    }
+}
+
+/// How a solve ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Every sample reached the final time.
+    Completed,
+    /// The solve stopped early; [`Solution::x`] holds each sample where it stopped.
+    Stopped(SolveStop),
+}
+
+impl Status {
+    pub fn is_completed(&self) -> bool {
+        matches!(self, Status::Completed)
     }
 }
 
@@ -42,38 +83,15 @@ impl SolveOptions {
 pub struct Solution {
     /// State at the final time (for a stopped solve: each sample where it stopped).
     pub x: Tensor,
-    /// The state at each time of [`SolveOptions::grid`], in the same order.
+    /// The state at each time of [`SolveOptions::grid`], in the same order (empty for a stopped solve).
     pub grid: Vec<Tensor>,
     /// (t, state) after every accepted step, the start included, if asked for.
     pub trajectory: Option<Vec<(f64, Tensor)>>,
     /// Batched calls of the field, and the step counts (with per-sample control: the largest over samples).
     pub stats: Stats,
-    /// With per-sample control: each sample's own number of evaluations.
+    /// With per-sample control (and for a stopped solve): each sample's own number of evaluations.
     pub nfe_per_sample: Option<Vec<usize>>,
-}
-
-/// A solve that stopped early (step limit, step size underflow, non-finite state), with its last state.
-#[derive(Debug)]
-pub struct SolveError {
-    pub reason: String,
-    /// Time, step size and attempted steps of the sample that stopped the solve.
-    pub t: f64,
-    pub h: f64,
-    pub steps: usize,
-    /// Every sample's last state (each at the time it had reached) and the statistics so far.
-    pub partial: Solution,
-    /// The time each sample had reached.
-    pub t_reached: Vec<f64>,
-}
-
-impl std::fmt::Display for SolveError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the ODE solve stopped at t = {:.6} with step size h = {:.3e} after {} steps: {}",
-            self.t, self.h, self.steps, self.reason
-        )
-    }
+    pub status: Status,
 }
 
 /// Integrates dx/dt = v(x, t) from `t0` to `t1` (either direction) in `steps` equal steps.
@@ -129,8 +147,9 @@ impl Gathered {
 
 /// Solves dx/dt = v(x, t) from `t0` to `t1` with the given solver and step control.
 ///
-/// Errors: invalid options, a field that fails, and [`Error::SolverStopped`] (holding the last state)
-/// when the step limit or the minimum step size is hit or the state stops being finite.
+/// Errors: invalid options, a field that fails, and, when [`SolveOptions::throw`] is set,
+/// [`Error::SolverStopped`] when the step limit or the minimum step size is hit or the state stops
+/// being finite (unset: the solution's [`Status`] says so and holds the last state).
 pub fn solve(
     field: &dyn VelocityField,
     solver: &dyn Solver,
@@ -180,7 +199,7 @@ pub fn solve(
             }
         }
     }
-    Driver {
+    let sol = Driver {
         solver,
         opts,
         dir,
@@ -189,7 +208,11 @@ pub fn solve(
         n,
         device: x0.device().clone(),
     }
-    .run(field, x0)
+    .run(field, x0)?;
+    match (&sol.status, opts.throw) {
+        (Status::Stopped(stop), true) => Err(Error::SolverStopped(stop.clone())),
+        _ => Ok(sol),
+    }
 }
 
 struct Driver<'a> {
@@ -207,197 +230,84 @@ struct Active {
     ids: Vec<u32>,
     x: Tensor,
     t: Vec<f64>,
-    h: Vec<f64>,
-    err_prev: Vec<f64>,
     f0: Option<Tensor>,
     attempts: Vec<usize>,
     accepted: Vec<usize>,
     rejected: Vec<usize>,
 }
 
+/// What the solve collects as it goes.
+struct Outputs {
+    finals: Gathered,
+    grid: Vec<Gathered>,
+    trajectory: Option<Vec<(f64, Tensor)>>,
+    nfe_rows: Vec<usize>,
+}
+
 impl Driver<'_> {
     fn run(&self, field: &dyn VelocityField, x0: &Tensor) -> Result<Solution> {
         let mut rhs = Rhs::new(field);
         let n = self.n;
-        let mut finals = Gathered::default();
-        let mut grid: Vec<Gathered> = self.opts.grid.iter().map(|_| Gathered::default()).collect();
         let all_ids: Vec<u32> = (0..n as u32).collect();
-        for (g, out) in self.opts.grid.iter().zip(grid.iter_mut()) {
+        let mut out = Outputs {
+            finals: Gathered::default(),
+            grid: self.opts.grid.iter().map(|_| Gathered::default()).collect(),
+            trajectory: self
+                .opts
+                .keep_trajectory
+                .then(|| vec![(self.t0, x0.clone())]),
+            nfe_rows: vec![0usize; n],
+        };
+        for (g, gathered) in self.opts.grid.iter().zip(out.grid.iter_mut()) {
             if *g == self.t0 {
-                out.push(&all_ids, x0.clone());
+                gathered.push(&all_ids, x0.clone());
             }
         }
-        let mut trajectory = self
-            .opts
-            .keep_trajectory
-            .then(|| vec![(self.t0, x0.clone())]);
-        let mut nfe_rows = vec![0usize; n];
-        let adaptive = match self.opts.control {
-            StepControl::Adaptive(a) => Some(a),
-            StepControl::Constant { .. } => None,
-        };
         let mut act = Active {
             ids: all_ids.clone(),
             x: x0.clone(),
             t: vec![self.t0; n],
-            h: vec![0.0; n],
-            err_prev: vec![1e-4; n],
             f0: None,
             attempts: vec![0; n],
             accepted: vec![0; n],
             rejected: vec![0; n],
         };
-        let steps_fixed = match self.opts.control {
-            StepControl::Constant { steps } => steps,
-            StepControl::Adaptive(_) => 0,
-        };
+        let mut control =
+            Controller::new(self.opts.control, self.solver.order(), self.t0, self.t1, n);
         if self.t0 == self.t1 {
-            finals.push(&act.ids, act.x.clone());
-            for out in grid.iter_mut().filter(|g| g.ids.is_empty()) {
-                out.push(&all_ids, x0.clone());
+            out.finals.push(&act.ids, act.x.clone());
+            for g in out.grid.iter_mut().filter(|g| g.ids.is_empty()) {
+                g.push(&all_ids, x0.clone());
             }
-            return self.finish(finals, grid, trajectory, rhs.nfe, &act, nfe_rows, adaptive);
+            return self.finish(out, rhs.nfe, &act);
         }
-        if let Some(a) = adaptive {
-            let before = rhs.nfe;
-            let f0 = rhs.eval(&act.t, &act.x)?;
-            act.h = match a.initial_step {
-                Some(h) => vec![h.min((self.t1 - self.t0).abs()) * self.dir; n],
-                None => self.initial_step(&mut rhs, &a, &act.x, &f0)?,
-            };
-            act.f0 = Some(f0);
-            nfe_rows.iter_mut().for_each(|c| *c += rhs.nfe - before);
-        }
-        let mut fixed_index = 0usize;
+        act.f0 = control.start(&mut rhs, &act.x, self.t0, self.t1)?;
+        out.nfe_rows.iter_mut().for_each(|c| *c += rhs.nfe);
         while !act.ids.is_empty() {
-            // Step sizes for this attempt.
-            if adaptive.is_none() {
-                let i = fixed_index as f64;
-                let ta = self.t0 + (self.t1 - self.t0) * i / steps_fixed as f64;
-                let tb = if fixed_index + 1 == steps_fixed {
-                    self.t1
-                } else {
-                    self.t0 + (self.t1 - self.t0) * (i + 1.0) / steps_fixed as f64
-                };
+            if let Some(ta) = control.constant_start() {
                 act.t.iter_mut().for_each(|t| *t = ta);
-                act.h.iter_mut().for_each(|h| *h = tb - ta);
             }
-            for k in 0..act.ids.len() {
-                let remaining = self.t1 - act.t[k];
-                if act.h[k].abs() >= remaining.abs() {
-                    act.h[k] = remaining;
-                }
-                if let Some(a) = adaptive {
-                    if act.h[k].abs() < a.min_step {
-                        return Err(self.stopped(
-                            k,
-                            "the step size fell below the minimum step",
-                            act,
-                            finals,
-                            rhs.nfe,
-                            nfe_rows,
-                            x0,
-                        ));
-                    }
-                    if act.attempts[k] >= a.max_steps {
-                        return Err(self.stopped(
-                            k,
-                            "the maximum number of steps was reached",
-                            act,
-                            finals,
-                            rhs.nfe,
-                            nfe_rows,
-                            x0,
-                        ));
-                    }
-                }
-            }
+            let h = match control.propose(&act.t, &act.attempts, self.t1) {
+                Ok(h) => h,
+                Err(stop) => return self.stopped(stop, &control, act, out, rhs.nfe, x0),
+            };
             let before = rhs.nfe;
             let f0_old = act.f0.take();
             let step = self
                 .solver
-                .step(&mut rhs, &act.t, &act.x, &act.h, f0_old.clone())?;
+                .step(&mut rhs, &act.t, &act.x, &h, f0_old.clone())?;
             let used = rhs.nfe - before;
             for &id in &act.ids {
-                nfe_rows[id as usize] += used;
+                out.nfe_rows[id as usize] += used;
             }
             act.attempts.iter_mut().for_each(|s| *s += 1);
-            let m = act.ids.len();
-            let (accept, err) = match adaptive {
-                None => (vec![true; m], vec![0.0; m]),
-                Some(a) => {
-                    let e = step
-                        .error
-                        .as_ref()
-                        .expect("embedded solver gives an error estimate");
-                    let mut err = a.norm_rows(e, &act.x, Some(&step.x))?;
-                    err.iter_mut().for_each(|e| {
-                        if !e.is_finite() {
-                            *e = f64::INFINITY
-                        }
-                    });
-                    if a.norm == ErrorNorm::Batch {
-                        pool(&mut err);
-                    }
-                    (err.iter().map(|&e| e <= 1.0).collect::<Vec<_>>(), err)
-                }
+            let (accept, err) = match control.assess(&step, &act.x)? {
+                Ok(verdict) => verdict,
+                Err(stop) => return self.stopped(stop, &control, act, out, rhs.nfe, x0),
             };
-            if adaptive.is_none() {
-                let finite: f64 = step.x.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar()?;
-                if !finite.is_finite() {
-                    return Err(self.stopped(
-                        0,
-                        "the state is no longer finite (NaN or Inf)",
-                        act,
-                        finals,
-                        rhs.nfe,
-                        nfe_rows,
-                        x0,
-                    ));
-                }
-            }
-            // Times reached by the accepted rows; grid outputs by dense interpolation.
-            let t_new: Vec<f64> = (0..m)
-                .map(|k| {
-                    if !accept[k] {
-                        act.t[k]
-                    } else if (self.t1 - (act.t[k] + act.h[k])) * self.dir
-                        <= 1e-12 * self.t1.abs().max(1.0)
-                    {
-                        self.t1
-                    } else {
-                        act.t[k] + act.h[k]
-                    }
-                })
-                .collect();
+            let t_new = self.times_reached(&act.t, &h, &accept);
             if let Some(dense) = step.dense.as_ref() {
-                for (g, out) in self.opts.grid.iter().zip(grid.iter_mut()) {
-                    let rows: Vec<usize> = (0..m)
-                        .filter(|&k| {
-                            accept[k]
-                                && (g - act.t[k]) * self.dir > 0.0
-                                && (g - t_new[k]) * self.dir <= 0.0
-                        })
-                        .collect();
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let theta: Vec<f64> = rows
-                        .iter()
-                        .map(|&k| (g - act.t[k]) / (t_new[k] - act.t[k]))
-                        .collect();
-                    let sel = Tensor::new(
-                        rows.iter().map(|&k| k as u32).collect::<Vec<_>>(),
-                        &self.device,
-                    )?;
-                    let values = if rows.len() == m {
-                        dense.at(&theta)?
-                    } else {
-                        dense_rows(dense, &sel, &theta)?
-                    };
-                    let ids: Vec<u32> = rows.iter().map(|&k| act.ids[k]).collect();
-                    out.push(&ids, values);
-                }
+                self.interpolate_grid(dense, &act, &t_new, &accept, &mut out.grid)?;
             }
             // Next state: accepted rows move, rejected rows stay.
             let all_accepted = accept.iter().all(|&a| a);
@@ -417,76 +327,129 @@ impl Driver<'_> {
                     _ => None,
                 };
             }
-            for k in 0..m {
-                match adaptive {
-                    Some(a) if accept[k] => {
-                        act.h[k] *= a.accept_factor(err[k], act.err_prev[k], self.solver.order());
-                        act.err_prev[k] = err[k].max(1e-4);
-                        act.accepted[k] += 1;
-                    }
-                    Some(a) => {
-                        act.h[k] *= a.reject_factor(err[k], self.solver.order());
-                        act.rejected[k] += 1;
-                    }
-                    None => act.accepted[k] += 1,
+            control.update(&h, &accept, &err);
+            for (k, &ok) in accept.iter().enumerate() {
+                if ok {
+                    act.accepted[k] += 1;
+                } else {
+                    act.rejected[k] += 1;
                 }
-                act.t[k] = t_new[k];
             }
-            fixed_index += 1;
-            if let Some(tr) = trajectory.as_mut() {
+            act.t = t_new;
+            if let Some(tr) = out.trajectory.as_mut() {
                 if all_accepted {
                     tr.push((act.t[0], act.x.clone()));
                 }
             }
-            // Retire finished rows.
-            let done: Vec<usize> = (0..m).filter(|&k| act.t[k] == self.t1).collect();
-            if !done.is_empty() {
-                if done.len() == m {
-                    finals.push(&act.ids, act.x.clone());
-                    act.ids.clear();
-                } else {
-                    let sel = Tensor::new(
-                        done.iter().map(|&k| k as u32).collect::<Vec<_>>(),
-                        &self.device,
-                    )?;
-                    let ids: Vec<u32> = done.iter().map(|&k| act.ids[k]).collect();
-                    finals.push(&ids, act.x.index_select(&sel, 0)?);
-                    let keep: Vec<usize> = (0..m).filter(|&k| act.t[k] != self.t1).collect();
-                    act = compact(act, &keep, &self.device)?;
-                }
-            }
+            act = self.retire(act, &mut control, &mut out.finals)?;
         }
-        self.finish(finals, grid, trajectory, rhs.nfe, &act, nfe_rows, adaptive)
+        self.finish(out, rhs.nfe, &act)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
+    /// The time each row has reached after an attempt with steps `h`: t + h for accepted rows (t1
+    /// when within rounding of it), t for rejected ones.
+    fn times_reached(&self, t: &[f64], h: &[f64], accept: &[bool]) -> Vec<f64> {
+        (0..t.len())
+            .map(|k| {
+                if !accept[k] {
+                    t[k]
+                } else if (self.t1 - (t[k] + h[k])) * self.dir <= 1e-12 * self.t1.abs().max(1.0) {
+                    self.t1
+                } else {
+                    t[k] + h[k]
+                }
+            })
+            .collect()
+    }
+
+    /// The grid times passed by the accepted rows in this step, by dense interpolation.
+    fn interpolate_grid(
         &self,
-        finals: Gathered,
-        grid: Vec<Gathered>,
-        trajectory: Option<Vec<(f64, Tensor)>>,
-        nfe: usize,
+        dense: &Dense,
         act: &Active,
-        nfe_rows: Vec<usize>,
-        adaptive: Option<Adaptive>,
-    ) -> Result<Solution> {
-        let x = finals
+        t_new: &[f64],
+        accept: &[bool],
+        grid: &mut [Gathered],
+    ) -> Result<()> {
+        let m = act.ids.len();
+        for (g, out) in self.opts.grid.iter().zip(grid.iter_mut()) {
+            let rows: Vec<usize> = (0..m)
+                .filter(|&k| {
+                    accept[k] && (g - act.t[k]) * self.dir > 0.0 && (g - t_new[k]) * self.dir <= 0.0
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let theta: Vec<f64> = rows
+                .iter()
+                .map(|&k| (g - act.t[k]) / (t_new[k] - act.t[k]))
+                .collect();
+            let values = if rows.len() == m {
+                dense.at(&theta)?
+            } else {
+                let sel = Tensor::new(
+                    rows.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+                    &self.device,
+                )?;
+                dense.rows(&sel)?.at(&theta)?
+            };
+            let ids: Vec<u32> = rows.iter().map(|&k| act.ids[k]).collect();
+            out.push(&ids, values);
+        }
+        Ok(())
+    }
+
+    /// Moves the rows that reached t1 into the final states and drops them from the active set.
+    fn retire(
+        &self,
+        act: Active,
+        control: &mut Controller,
+        finals: &mut Gathered,
+    ) -> Result<Active> {
+        let m = act.ids.len();
+        let done: Vec<usize> = (0..m).filter(|&k| act.t[k] == self.t1).collect();
+        if done.is_empty() {
+            return Ok(act);
+        }
+        if done.len() == m {
+            finals.push(&act.ids, act.x.clone());
+            return Ok(Active { ids: vec![], ..act });
+        }
+        let sel = Tensor::new(
+            done.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let ids: Vec<u32> = done.iter().map(|&k| act.ids[k]).collect();
+        finals.push(&ids, act.x.index_select(&sel, 0)?);
+        let keep: Vec<usize> = (0..m).filter(|&k| act.t[k] != self.t1).collect();
+        control.keep(&keep);
+        compact(act, &keep, &self.device)
+    }
+
+    fn finish(&self, out: Outputs, nfe: usize, act: &Active) -> Result<Solution> {
+        let x = out
+            .finals
             .assemble(self.n, &self.device)?
-            .expect("every row finished");
-        let grid = grid
+            .ok_or_else(|| Error::Config("a solve ended with unfinished rows".into()))?;
+        let grid = out
+            .grid
             .iter()
             .map(|g| {
-                Ok(g.assemble(self.n, &self.device)?
-                    .expect("every grid time was passed"))
+                g.assemble(self.n, &self.device)?.ok_or_else(|| {
+                    Error::Config("a solve ended without passing an output time".into())
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        let per_sample = matches!(adaptive, Some(a) if a.norm == ErrorNorm::PerSample);
+        let per_sample =
+            matches!(self.opts.control, StepControl::Adaptive(a) if a.norm == ErrorNorm::PerSample);
         Ok(Solution {
             x,
             grid,
-            trajectory,
+            trajectory: out.trajectory,
             stats: self.stats_of(nfe, act),
-            nfe_per_sample: per_sample.then_some(nfe_rows),
+            nfe_per_sample: per_sample.then_some(out.nfe_rows),
+            status: Status::Completed,
         })
     }
 
@@ -500,92 +463,43 @@ impl Driver<'_> {
         }
     }
 
-    /// The error for a solve that cannot continue, with every sample's last state.
-    #[allow(clippy::too_many_arguments)]
+    /// The solution of a solve that cannot continue: every sample's last state, and where it stopped.
     fn stopped(
         &self,
-        k: usize,
-        reason: &str,
+        (k, reason): Stop,
+        control: &Controller,
         act: Active,
-        mut finals: Gathered,
+        mut out: Outputs,
         nfe: usize,
-        nfe_rows: Vec<usize>,
         x0: &Tensor,
-    ) -> Error {
+    ) -> Result<Solution> {
         let mut t_reached = vec![self.t1; self.n];
         for (j, &id) in act.ids.iter().enumerate() {
             t_reached[id as usize] = act.t[j];
         }
         let stats = self.stats_of(nfe, &act);
-        finals.push(&act.ids, act.x.clone());
-        let x = finals
+        out.finals.push(&act.ids, act.x.clone());
+        let x = out
+            .finals
             .assemble(self.n, &self.device)
             .ok()
             .flatten()
             .unwrap_or_else(|| x0.clone());
-        let partial = Solution {
+        Ok(Solution {
             x,
             grid: vec![],
             trajectory: None,
             stats,
-            nfe_per_sample: Some(nfe_rows),
-        };
-        Error::SolverStopped(Box::new(SolveError {
-            reason: reason.to_string(),
-            t: act.t.get(k).copied().unwrap_or(self.t0),
-            h: act.h.get(k).copied().unwrap_or(0.0),
-            steps: act.attempts.get(k).copied().unwrap_or(0),
-            partial,
-            t_reached,
-        }))
+            nfe_per_sample: Some(out.nfe_rows),
+            status: Status::Stopped(SolveStop {
+                reason: reason.to_string(),
+                t: act.t.get(k).copied().unwrap_or(self.t0),
+                h: control.step_of(k),
+                steps: act.attempts.get(k).copied().unwrap_or(0),
+                t_reached,
+            }),
+        })
     }
-
-    /// Hairer, Norsett and Wanner's starting step (Solving ODEs I, II.4): one extra evaluation.
-    fn initial_step(
-        &self,
-        rhs: &mut Rhs,
-        a: &Adaptive,
-        x0: &Tensor,
-        f0: &Tensor,
-    ) -> Result<Vec<f64>> {
-        let span = (self.t1 - self.t0).abs();
-        let order = self.solver.order() as f64;
-        let d0 = a.norm_rows(x0, x0, None)?;
-        let d1 = a.norm_rows(f0, x0, None)?;
-        let h0: Vec<f64> = d0
-            .iter()
-            .zip(&d1)
-            .map(|(&d0, &d1)| {
-                if d0 < 1e-5 || d1 < 1e-5 {
-                    1e-6
-                } else {
-                    0.01 * d0 / d1
-                }
-            })
-            .map(|h: f64| h.min(span))
-            .collect();
-        let signed: Vec<f64> = h0.iter().map(|h| h * self.dir).collect();
-        let x1 = super::axpy(x0, &signed, f0)?;
-        let t1: Vec<f64> = signed.iter().map(|h| self.t0 + h).collect();
-        let f1 = rhs.eval(&t1, &x1)?;
-        let diff = a.norm_rows(&(f1 - f0)?, x0, None)?;
-        Ok((0..h0.len())
-            .map(|i| {
-                let d2 = diff[i] / h0[i];
-                let dmax = d1[i].max(d2);
-                let h1 = if dmax <= 1e-15 {
-                    (h0[i] * 1e-3).max(1e-6)
-                } else {
-                    (0.01 / dmax).powf(1.0 / order)
-                };
-                (100.0 * h0[i]).min(h1).min(span) * self.dir
-            })
-            .collect())
-    }
-}
-
-fn dense_rows(dense: &Dense, sel: &Tensor, theta: &[f64]) -> Result<Tensor> {
-    dense.rows(sel)?.at(theta)
 }
 
 /// Keeps the rows `keep` (positions in the active set).
@@ -597,8 +511,6 @@ fn compact(act: Active, keep: &[usize], device: &Device) -> Result<Active> {
         ids: keep.iter().map(|&k| act.ids[k]).collect(),
         x: act.x.index_select(&sel, 0)?,
         t: pick_f(&act.t),
-        h: pick_f(&act.h),
-        err_prev: pick_f(&act.err_prev),
         f0: act.f0.map(|f| f.index_select(&sel, 0)).transpose()?,
         attempts: pick_u(&act.attempts),
         accepted: pick_u(&act.accepted),

@@ -15,15 +15,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataSource;
 use crate::error::{Error, Result};
-use crate::model::{Labeled, Model, ModelConfig, Params, VelocityField};
+use crate::field::VelocityField;
+use crate::nn::{Labeled, Model, ModelConfig};
+use crate::params::Params;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::fastmlp::{ema_update, FlatAdamW, MlpEngine};
+use crate::nn::MlpEngine;
 use crate::objective::Weighting;
-use crate::optim::{clip_flat, flatten, scheduled_lr, AdamW, AdamWConfig, Ema, LrDecay};
+use crate::optim::{
+    clip_flat, ema_update, flatten, scheduled_lr, AdamW, AdamWConfig, Ema, FlatAdamW, LrDecay,
+};
+use crate::path::SchedulerConfig;
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
-use crate::scheduler::SchedulerConfig;
 
 /// The checkpoint and config format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -287,13 +291,8 @@ impl Trainer {
         self.step_from(data, None)
     }
 
-    /// One step with x0 drawn from `source` instead of N(0, I) (data sets that yield fixed pairs, such as
-    /// reflow's, bring their own x0). The configured coupling pairs x0 with x1 before the path is built.
-    pub fn step_from(
-        &mut self,
-        data: &dyn DataSource,
-        source: Option<&dyn DataSource>,
-    ) -> Result<f64> {
+    /// Refuses data, a source or labels that do not fit the model.
+    fn check_inputs(&self, data: &dyn DataSource, source: Option<&dyn DataSource>) -> Result<()> {
         let dim = self.config.model.dim();
         if let Some(s) = source {
             if s.dim() != dim {
@@ -310,7 +309,6 @@ impl Trainer {
                 data.dim()
             )));
         }
-        let b = self.config.train.batch_size;
         let classes = self.config.model.num_classes();
         if classes > 0 && data.num_classes() != classes {
             return Err(Error::Data(format!(
@@ -330,6 +328,21 @@ impl Trainer {
                     .into(),
             ));
         }
+        Ok(())
+    }
+
+    /// One batch: (x0, x1) paired by the coupling (or the data's own pairs), labels with the null class
+    /// dropped in at the label-dropout rate, and times t ~ U[0, 1].
+    #[allow(clippy::type_complexity)]
+    fn draw_batch(
+        &mut self,
+        data: &dyn DataSource,
+        source: Option<&dyn DataSource>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, Vec<f64>)> {
+        let dim = self.config.model.dim();
+        let b = self.config.train.batch_size;
+        let classes = self.config.model.num_classes();
+        let coupling = self.config.train.coupling;
         let (x0, x1, mut labels, t) = match data.sample_pairs(&mut self.rng_data, b) {
             Some((x0, x1)) => {
                 let t = self.rng_noise.uniform_vec(b);
@@ -354,6 +367,21 @@ impl Trainer {
                 }
             }
         }
+        Ok((x0, x1, labels, t))
+    }
+
+    /// One step with x0 drawn from `source` instead of N(0, I) (data sets that yield fixed pairs, such as
+    /// reflow's, bring their own x0). The configured coupling pairs x0 with x1 before the path is built.
+    pub fn step_from(
+        &mut self,
+        data: &dyn DataSource,
+        source: Option<&dyn DataSource>,
+    ) -> Result<f64> {
+        self.check_inputs(data, source)?;
+        let dim = self.config.model.dim();
+        let b = self.config.train.batch_size;
+        let classes = self.config.model.num_classes();
+        let (x0, x1, labels, t) = self.draw_batch(data, source)?;
         let weights = self.config.weighting.weights(&self.config.path, &t)?;
         let c = self.config.train;
         let lr = scheduled_lr(
@@ -652,7 +680,7 @@ pub fn cfm_loss(
 pub(crate) mod tests {
     use super::*;
     use crate::data::{TensorDataset, Toy2d};
-    use crate::model::{Activation, MlpConfig, TimeEmbedding};
+    use crate::nn::{Activation, MlpConfig, TimeEmbedding};
 
     pub(crate) fn small_config(steps: u64) -> RunConfig {
         RunConfig {

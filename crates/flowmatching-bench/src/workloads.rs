@@ -1,5 +1,5 @@
-//! `flowmatching bench`: our side of the benchmarks in bench/ (the runner there times the PyTorch peers
-//! on the same workloads, interleaved). Prints one JSON line per workload.
+//! The workloads: each builds its model and data, times `--iters` repetitions after `--warmup`
+//! untimed ones, and prints one JSON line.
 
 use std::time::Instant;
 
@@ -7,20 +7,19 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use flowmatching::checkpoint::Checkpoint;
 use flowmatching::data::{DataSource, TensorDataset, Toy2d};
+use flowmatching::field::VelocityField;
 use flowmatching::likelihood::{log_likelihood, LikelihoodOptions};
-use flowmatching::model::{
-    Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig, VelocityField,
-};
+use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig};
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
+use flowmatching::path::SchedulerConfig;
 use flowmatching::rng::Rng;
-use flowmatching::scheduler::SchedulerConfig;
 use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind, StepControl};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 use serde::Serialize;
 
-use crate::cli::{BenchArgs, DeviceArg, UNetPreset, Workload};
+use crate::args::{BenchArgs, DeviceArg, UNetPreset, Workload};
 
 #[derive(Serialize)]
 struct Timing {
@@ -102,7 +101,7 @@ fn fake_images(n: usize) -> Result<TensorDataset> {
 
 /// Per-piece timings of the --unet preset (batch --batch).
 fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
-    use flowmatching::layers::conv2d_gemm_backward;
+    use flowmatching::nn::{conv2d, conv2d_gemm_backward, ConvImpl};
     let b = a.batch;
     let report = |name: String, times: Vec<f64>| -> Result<()> {
         let t = Timing {
@@ -133,17 +132,15 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
         )?;
         let bias = Tensor::zeros(c_out, DType::F32, dev)?;
         for (imp, backward) in [
-            ("im2col", false),
-            ("im2col", true),
+            ("cpu", false),
+            ("cpu", true),
             ("candle", false),
             ("candle", true),
             ("gemm-backward", true),
         ] {
             let (times, _) = time(a.warmup, a.iters, || {
                 let y = match imp {
-                    "im2col" => {
-                        flowmatching::cpuconv::conv2d(x.as_tensor(), w.as_tensor(), &bias, 1)?
-                    }
+                    "cpu" => conv2d(ConvImpl::Cpu, x.as_tensor(), w.as_tensor(), &bias, 1)?,
                     "gemm-backward" => conv2d_gemm_backward(x.as_tensor(), w.as_tensor(), 1)?,
                     _ => x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?,
                 };
@@ -211,19 +208,29 @@ fn time(
     Ok((times, nfe))
 }
 
+/// The CUDA set-up: `FLOWMATCHING_CUDA_EVENTS=1` keeps cudarc's event tracking and
+/// `FLOWMATCHING_CUDA_POOL_RELEASE=1` the memory pool's release threshold.
+fn cuda_options() -> flowmatching::device::CudaOptions {
+    let on = |name: &str| std::env::var(name).as_deref() == Ok("1");
+    flowmatching::device::CudaOptions {
+        event_tracking: on("FLOWMATCHING_CUDA_EVENTS"),
+        release_pool: on("FLOWMATCHING_CUDA_POOL_RELEASE"),
+    }
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
     if a.iters == 0 {
         bail!("--iters must be at least 1");
     }
     let dev = match a.device {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => flowmatching::device::cuda(0)
+        DeviceArg::Cuda => flowmatching::device::cuda_with(0, cuda_options())
             .map_err(|e| anyhow::anyhow!("{e}; build with scripts/build-cuda.sh"))?,
     };
     // The variant, in the workload's name: convolution, U-Net preset, cudarc event tracking.
     let conv = format!(
         "{}{}{}{}",
-        flowmatching::layers::conv_impl(&dev).name(),
+        flowmatching::nn::conv_impl(&dev).name(),
         if cfg!(feature = "cudnn") && dev.is_cuda() {
             "-cudnn"
         } else {
@@ -234,7 +241,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         } else {
             ""
         },
-        if dev.is_cuda() && flowmatching::device::event_tracking_requested() {
+        if dev.is_cuda() && cuda_options().event_tracking {
             "-events"
         } else {
             ""

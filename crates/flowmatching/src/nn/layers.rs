@@ -9,8 +9,9 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use crate::cpu;
 use crate::error::{Error, Result};
-use crate::model::{Init, Params};
+use crate::params::{Init, Params};
 
 /// Weights by name, with the layer operations that use them.
 #[derive(Debug, Clone, Default)]
@@ -44,31 +45,12 @@ impl Weights {
         Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
-    /// A k x k convolution (k odd) with "same" padding and stride 1 or 2, plus bias, on (N, C, H, W).
-    ///
-    /// Three ways to compute it, picked by [`conv_impl`]:
-    /// - [`ConvImpl::Im2col`] (CPU default; the name is historical): [`crate::cpuconv::conv2d`], one
-    ///   candle op with its own backward, a few matrix products per group of images and direction
-    ///   (column matrices at stride 2, shifted views of a padded stack of images at stride 1; f32 and
-    ///   f64 on the CPU; elsewhere this choice falls back to `GemmBackward`).
-    /// - [`ConvImpl::Candle`]: candle's conv2d and candle's backward, whose input gradient is a direct
-    ///   (naive) transposed convolution.
-    /// - [`ConvImpl::GemmBackward`] (CUDA default): candle's conv2d forward with a backward made of
-    ///   forward convolutions only (see [`conv2d_gemm_backward`]), which candle runs as im2col + cuBLAS.
-    ///
-    /// Measured on the B5 U-Net step (`bench b5-step`): H200 candle 285 ms at batch 128 against 349 ms
-    /// for an im2col built from candle ops; the CPU numbers are in the README.
+    /// A k x k convolution (k odd) with "same" padding and stride 1 or 2, plus bias, on (N, C, H, W),
+    /// computed as [`conv_impl`] says for the input's device (see [`conv2d`]).
     pub fn conv(&self, name: &str, x: &Tensor, stride: usize) -> Result<Tensor> {
         let w = self.get(&format!("{name}.weight"))?;
         let b = self.get(&format!("{name}.bias"))?;
-        let y = match conv_impl(x.device()) {
-            ConvImpl::Im2col if crate::cpuconv::supports(x) => {
-                return crate::cpuconv::conv2d(x, w, b, stride);
-            }
-            ConvImpl::Candle => x.conv2d(w, w.dim(2)? / 2, stride, 1, 1)?,
-            ConvImpl::Im2col | ConvImpl::GemmBackward => conv2d_gemm_backward(x, w, stride)?,
-        };
-        Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
+        conv2d(conv_impl(x.device()), x, w, b, stride)
     }
 
     /// [`Weights::conv`] plus `extra` (N, C_out): a value per image and channel added to every pixel (the
@@ -81,20 +63,14 @@ impl Weights {
         stride: usize,
         extra: &Tensor,
     ) -> Result<Tensor> {
-        if matches!(conv_impl(x.device()), ConvImpl::Im2col) && crate::cpuconv::supports(x) {
-            let w = self.get(&format!("{name}.weight"))?;
-            let b = self.get(&format!("{name}.bias"))?;
-            let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
-            return crate::cpuconv::conv2d(x, w, &bias, stride);
-        }
-        let (n, c) = extra.dims2()?;
-        Ok(self
-            .conv(name, x, stride)?
-            .broadcast_add(&extra.reshape((n, c, 1, 1))?)?)
+        let w = self.get(&format!("{name}.weight"))?;
+        let b = self.get(&format!("{name}.bias"))?;
+        let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
+        conv2d(conv_impl(x.device()), x, w, &bias, stride)
     }
 
     /// GroupNorm (eps 1e-5): each group of channels normalised over (its channels, H, W), then a
-    /// per-channel affine map. On the CPU one fused op ([`crate::cpunorm`]); elsewhere [`group_norm_ops`].
+    /// per-channel affine map. On the CPU one fused op; elsewhere [`group_norm_ops`].
     pub fn group_norm(&self, name: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
         self.norm(name, x, groups, false)
     }
@@ -107,8 +83,8 @@ impl Weights {
     fn norm(&self, name: &str, x: &Tensor, groups: usize, silu: bool) -> Result<Tensor> {
         let weight = self.get(&format!("{name}.weight"))?;
         let bias = self.get(&format!("{name}.bias"))?;
-        if crate::cpunorm::supports(x) {
-            return crate::cpunorm::group_norm(x, weight, bias, groups, silu);
+        if cpu::supports(x) {
+            return cpu::norm::group_norm(x, weight, bias, groups, silu);
         }
         let y = group_norm_ops(x, weight, bias, groups)?;
         Ok(if silu { y.silu()? } else { y })
@@ -123,7 +99,7 @@ pub fn group_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize)
     let mean = xg.mean_keepdim(2)?;
     let centred = xg.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(2)?;
-    let normed = centred.broadcast_div(&(var + crate::cpunorm::EPS)?.sqrt()?)?;
+    let normed = centred.broadcast_div(&(var + cpu::norm::EPS)?.sqrt()?)?;
     Ok(normed
         .reshape((n, c, h, w))?
         .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
@@ -199,39 +175,88 @@ impl<'a, 'b> Builder<'a, 'b> {
     }
 }
 
-/// How [`Weights::conv`] computes a convolution.
+/// How a convolution is computed ([`conv2d`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvImpl {
-    Im2col,
+    /// The crate's CPU kernel (CPU default): one candle op with its own backward, a few matrix products
+    /// per group of images and direction (column matrices at stride 2, shifted views of a padded stack
+    /// of images at stride 1). f32 and f64 on the CPU; elsewhere this choice runs `GemmBackward`.
+    Cpu,
+    /// candle's conv2d and candle's backward, whose input gradient is a direct (naive) transposed
+    /// convolution.
     Candle,
+    /// candle's conv2d forward with a backward made of forward convolutions only (see
+    /// [`conv2d_gemm_backward`]), which candle runs as im2col + cuBLAS (CUDA default).
     GemmBackward,
 }
 
 impl ConvImpl {
     pub fn name(self) -> &'static str {
         match self {
-            ConvImpl::Im2col => "im2col",
+            ConvImpl::Cpu => "cpu",
             ConvImpl::Candle => "candle",
             ConvImpl::GemmBackward => "gemm-backward",
         }
     }
+
+    /// The implementation called `name` ("cpu", "candle" or "gemm-backward"; "im2col" is read as "cpu").
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "cpu" | "im2col" => Ok(ConvImpl::Cpu),
+            "candle" => Ok(ConvImpl::Candle),
+            "gemm-backward" => Ok(ConvImpl::GemmBackward),
+            other => Err(Error::Config(format!(
+                "unknown convolution implementation '{other}' (cpu, candle or gemm-backward)"
+            ))),
+        }
+    }
 }
 
-/// The convolution used on `device`: im2col on the CPU, [`ConvImpl::GemmBackward`] elsewhere;
-/// `FLOWMATCHING_CONV=im2col|candle|gemm-backward` overrides it (for A/B benchmarks).
+/// The process-wide choice of [`set_conv_impl`]: 0 none, else 1 + the variant's index.
+static CONV_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Makes every convolution use `choice` (None: the per-device default of [`conv_impl`]). For A/B
+/// benchmarks of the implementations; results agree to rounding.
+pub fn set_conv_impl(choice: Option<ConvImpl>) {
+    let code = match choice {
+        None => 0,
+        Some(ConvImpl::Cpu) => 1,
+        Some(ConvImpl::Candle) => 2,
+        Some(ConvImpl::GemmBackward) => 3,
+    };
+    CONV_OVERRIDE.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The convolution used on `device`: [`ConvImpl::Cpu`] on the CPU, [`ConvImpl::GemmBackward`]
+/// elsewhere, unless [`set_conv_impl`] chose one.
 pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
-    static CHOICE: std::sync::OnceLock<Option<ConvImpl>> = std::sync::OnceLock::new();
-    let forced = *CHOICE.get_or_init(|| match std::env::var("FLOWMATCHING_CONV").as_deref() {
-        Ok("candle") => Some(ConvImpl::Candle),
-        Ok("im2col") => Some(ConvImpl::Im2col),
-        Ok("gemm-backward") => Some(ConvImpl::GemmBackward),
-        _ => None,
-    });
-    forced.unwrap_or(if device.is_cpu() {
-        ConvImpl::Im2col
-    } else {
-        ConvImpl::GemmBackward
-    })
+    match CONV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => ConvImpl::Cpu,
+        2 => ConvImpl::Candle,
+        3 => ConvImpl::GemmBackward,
+        _ if device.is_cpu() => ConvImpl::Cpu,
+        _ => ConvImpl::GemmBackward,
+    }
+}
+
+/// y = conv(x, w) + b with padding k/2 and stride 1 or 2 for an odd square kernel w (C_out x C x k x k);
+/// b is (C_out), or (N, C_out) for a value per image and channel.
+pub fn conv2d(imp: ConvImpl, x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+    if imp == ConvImpl::Cpu && cpu::supports(x) {
+        return cpu::conv::conv2d(x, w, b, stride);
+    }
+    let y = match imp {
+        ConvImpl::Candle => {
+            cpu::conv::check_conv(x, w, stride)?;
+            x.conv2d(w, w.dim(2)? / 2, stride, 1, 1)?
+        }
+        ConvImpl::Cpu | ConvImpl::GemmBackward => conv2d_gemm_backward(x, w, stride)?,
+    };
+    let bias = match b.rank() {
+        1 => b.reshape((1, b.dim(0)?, 1, 1))?,
+        _ => b.reshape((b.dim(0)?, b.dim(1)?, 1, 1))?,
+    };
+    Ok(y.broadcast_add(&bias)?)
 }
 
 /// candle's conv2d (padding k/2, no bias) whose backward uses forward convolutions only.
@@ -242,7 +267,7 @@ pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
 /// - dL/dw[o, i] = sum over n of conv(x[n, i], g[n, o]) with dilation s, i.e. a convolution over the
 ///   batch with the roles of batch and channels swapped (as candle's own backward computes it).
 pub fn conv2d_gemm_backward(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
-    check_conv(x, w, stride)?;
+    cpu::conv::check_conv(x, w, stride)?;
     let k = w.dim(2)?;
     let y = x.detach().conv2d(&w.detach(), k / 2, stride, 1, 1)?;
     Ok(x.apply_op3(w, &y, ConvGrad { stride })?)
@@ -320,26 +345,6 @@ impl candle_core::CustomOp3 for ConvGrad {
         };
         Ok((Some(dx), Some(dw), None))
     }
-}
-
-/// The convolutions supported here: an odd square kernel matching the input's channels, stride 1 or 2
-/// (even sizes for 2).
-pub(crate) fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
-    let (_, c, h, wd) = x.dims4()?;
-    let (_, ci, k, k2) = w.dims4()?;
-    if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
-        return Err(Error::Config(format!(
-            "convolution of {:?} with kernel {:?} and stride {stride} is not supported",
-            x.dims(),
-            w.dims()
-        )));
-    }
-    if stride == 2 && (h % 2 != 0 || wd % 2 != 0) {
-        return Err(Error::Config(format!(
-            "a stride-2 convolution needs even height and width, got {h}x{wd}"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,19 +13,15 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 
+use super::linalg::{exp_f32, multiversion, slice, with_slice, zeroed_by_chunks};
+use super::supports;
 use crate::error::{Error, Result};
-use crate::linalg::{exp_f32, multiversion, slice, with_slice, zeroed_by_chunks};
 
 /// The variance offset, as in PyTorch's GroupNorm.
-pub const EPS: f64 = 1e-5;
-
-/// Whether [`group_norm`] takes `x`: f32 or f64 on the CPU.
-pub fn supports(x: &Tensor) -> bool {
-    crate::cpuconv::supports(x)
-}
+pub(crate) const EPS: f64 = 1e-5;
 
 /// GroupNorm of x (N, C, H, W) with `groups` groups and per-channel gamma, beta (C), then SiLU if `silu`.
-pub fn group_norm(
+pub(crate) fn group_norm(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -383,7 +379,7 @@ mod tests {
 
     /// GroupNorm written with candle ops (the reference), then SiLU if asked.
     fn reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, silu: bool) -> Tensor {
-        let y = crate::layers::group_norm_ops(x, gamma, beta, groups).unwrap();
+        let y = crate::nn::layers::group_norm_ops(x, gamma, beta, groups).unwrap();
         if silu {
             y.silu().unwrap()
         } else {

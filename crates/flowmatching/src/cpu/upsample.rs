@@ -8,20 +8,20 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
 
+use super::linalg::{slice, with_slice, zeroed_by_chunks};
 use crate::error::Result;
-use crate::linalg::{slice, with_slice, zeroed_by_chunks};
 
 /// Nearest-neighbour 2x upsampling of x (N, C, H, W) to (N, C, 2H, 2W).
-pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn upsample2x(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    if crate::cpuconv::supports(x) && x.elem_count() > 0 {
+    if super::supports(x) && x.elem_count() > 0 {
         return Ok(x.contiguous()?.apply_op1(Upsample2x)?);
     }
     upsample2x_broadcast(x)
 }
 
 /// The same as a broadcast copy of candle ops (any device; the reference in tests).
-pub fn upsample2x_broadcast(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn upsample2x_broadcast(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     Ok(x.reshape((n, c, h, 1, w, 1))?
         .broadcast_as((n, c, h, 2, w, 2))?

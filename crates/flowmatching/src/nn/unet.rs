@@ -1,4 +1,4 @@
-//! A U-Net velocity model for images (Ho et al. 2020's architecture, as used in the seed's image runs).
+//! A U-Net velocity model for images (Ho et al. 2020's architecture, as in the flow-matching paper's image runs).
 //!
 //! ```text
 //! emb = MLP(sinusoid(1000 t)) + E[y]            (E has num_classes + 1 rows; the last is the null class)
@@ -16,10 +16,10 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::layers::{Builder, Weights};
+use crate::cpu::upsample::upsample2x;
 use crate::error::{Error, Result};
-use crate::layers::{Builder, Weights};
-use crate::model::{Init, Params};
-use crate::upsample::upsample2x;
+use crate::params::{Init, Params};
 
 /// The U-Net's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,7 +439,8 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ModelConfig, VelocityField};
+    use crate::field::VelocityField;
+    use crate::nn::ModelConfig;
     use crate::rng::Rng;
     use crate::testing::max_abs_diff;
     use candle_core::Device;
@@ -468,7 +469,7 @@ mod tests {
         assert!(p.count() > 1000);
         let x = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap();
         let t = Tensor::new(&[0.1f32, 0.3, 0.5, 0.7, 0.9], &Device::Cpu).unwrap();
-        let crate::model::Model::UNet(u) = &m else {
+        let crate::nn::Model::UNet(u) = &m else {
             panic!("a U-Net")
         };
         let labels = Tensor::new(&[0u32, 1, 2, 0, 1], &Device::Cpu).unwrap();
@@ -533,7 +534,7 @@ mod tests {
             .unwrap();
         let x = Tensor::randn(0f64, 1.0, (2, 64), &Device::Cpu).unwrap();
         let t = Tensor::new(&[0.2f64, 0.8], &Device::Cpu).unwrap();
-        let loss = |m: &crate::model::Model| -> Tensor {
+        let loss = |m: &crate::nn::Model| -> Tensor {
             m.forward(&x, &t).unwrap().sqr().unwrap().sum_all().unwrap()
         };
         let grads = loss(&m).backward().unwrap();

@@ -3,9 +3,9 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::linalg::{for_each_chunk, host, with_slice};
 use crate::error::{Error, Result};
-use crate::linalg::{for_each_chunk, host, with_slice};
-use crate::model::Params;
+use crate::params::Params;
 
 /// AdamW hyper-parameters (PyTorch's defaults but for the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -204,11 +204,6 @@ impl AdamW {
     fn step_host(&mut self, params: &Params, g: &Tensor, lr: f64) -> Result<Tensor> {
         const CHUNK: usize = 1 << 15;
         let c = self.config;
-        let (bc1, bc2) = self.corrections();
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-        let (inv_bc2, step, eps) = ((1.0 / bc2) as f32, (lr / bc1) as f32, c.eps as f32);
-        let decay = (c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32);
         if self.host.is_none() {
             self.host = Some((host::<f32>(&self.m)?, host::<f32>(&self.v)?));
         }
@@ -227,6 +222,7 @@ impl AdamW {
                 theta.len()
             )));
         }
+        let update = AdamWUpdate::new(c, self.steps, lr);
         with_slice::<f32, _>(g, |g| {
             let mut parts: Vec<_> = theta
                 .chunks_mut(CHUNK)
@@ -236,22 +232,8 @@ impl AdamW {
                 .map(|(((th, m), v), g)| (th, m, v, g))
                 .collect();
             for_each_chunk(&mut parts, 1, |_, part| {
-                for (th, m, v, &g) in part.iter_mut().flat_map(|(th, m, v, g)| {
-                    th.iter_mut()
-                        .zip(m.iter_mut())
-                        .zip(v.iter_mut())
-                        .zip(g.iter())
-                        .map(|(((th, m), v), g)| (th, m, v, g))
-                }) {
-                    *m = *m * b1 + g * a1;
-                    *v = *v * b2 + g * g * a2;
-                    let denom = (*v * inv_bc2).sqrt() + eps;
-                    let update = *m * step / denom;
-                    let kept = match decay {
-                        Some(d) => *th * d,
-                        None => *th,
-                    };
-                    *th = kept - update;
+                for (th, m, v, g) in part.iter_mut() {
+                    update.apply(th, m, v, g);
                 }
             });
         })?;
@@ -302,6 +284,107 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The AdamW update of one step on host f32 slices, with its coefficients computed once:
+///
+/// ```text
+/// m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+/// theta <- theta (1 - lr wd) - (lr / (1 - b1^k)) m / (sqrt(v / (1 - b2^k)) + eps)
+/// ```
+///
+/// The same operations in the same order as [`AdamW`]'s candle-op form, so the same bits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWUpdate {
+    b1: f32,
+    b2: f32,
+    a1: f32,
+    a2: f32,
+    inv_bc2: f32,
+    step: f32,
+    eps: f32,
+    decay: Option<f32>,
+}
+
+impl AdamWUpdate {
+    /// The coefficients of update number `k` (counted from 1) at learning rate `lr`.
+    pub(crate) fn new(c: AdamWConfig, k: u64, lr: f64) -> Self {
+        let k = k as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k));
+        Self {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            a1: (1.0 - c.beta1) as f32,
+            a2: (1.0 - c.beta2) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            step: (lr / bc1) as f32,
+            eps: c.eps as f32,
+            decay: (c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32),
+        }
+    }
+
+    /// Updates `theta`, `m` and `v` in place from the gradient `g` (all the same length).
+    pub(crate) fn apply(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for (((th, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *m = *m * self.b1 + g * self.a1;
+            *v = *v * self.b2 + g * g * self.a2;
+            let denom = (*v * self.inv_bc2).sqrt() + self.eps;
+            let update = *m * self.step / denom;
+            let kept = match self.decay {
+                Some(d) => *th * d,
+                None => *th,
+            };
+            *th = kept - update;
+        }
+    }
+}
+
+/// AdamW moments for a parameter vector that lives on the host (the fused MLP engine's), with
+/// [`AdamWUpdate`]'s update; large vectors are updated in parallel chunks.
+#[derive(Debug, Clone)]
+pub(crate) struct FlatAdamW {
+    pub config: AdamWConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub steps: u64,
+}
+
+impl FlatAdamW {
+    pub(crate) fn new(n: usize, config: AdamWConfig) -> Self {
+        Self {
+            config,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            steps: 0,
+        }
+    }
+
+    pub(crate) fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        use rayon::prelude::*;
+        /// Vectors shorter than this are updated on one thread.
+        const PAR_MIN: usize = 1 << 15;
+        const CHUNK: usize = 1 << 14;
+        self.steps += 1;
+        let update = AdamWUpdate::new(self.config, self.steps, lr);
+        if params.len() >= PAR_MIN {
+            params
+                .par_chunks_mut(CHUNK)
+                .zip(grads.par_chunks(CHUNK))
+                .zip(self.m.par_chunks_mut(CHUNK))
+                .zip(self.v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| update.apply(p, m, v, g));
+        } else {
+            update.apply(params, &mut self.m, &mut self.v, grads);
+        }
+    }
+}
+
+/// ema <- decay ema + (1 - decay) theta on host slices.
+pub(crate) fn ema_update(ema: &mut [f32], theta: &[f32], decay: f64) {
+    let (d, a) = (decay as f32, (1.0 - decay) as f32);
+    ema.iter_mut()
+        .zip(theta)
+        .for_each(|(e, &p)| *e = *e * d + p * a);
 }
 
 /// Global L2 norm of all gradients (one value read back from the device).
@@ -419,7 +502,7 @@ impl Ema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{MlpConfig, ModelConfig};
+    use crate::nn::{MlpConfig, ModelConfig};
     use crate::rng::Rng;
     use candle_core::{DType, Device};
 

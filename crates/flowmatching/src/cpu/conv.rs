@@ -23,18 +23,14 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 
+use super::linalg::{matmul, slice, with_slice, zeroed_by_chunks, View};
+use super::supports;
 use crate::error::{Error, Result};
-use crate::linalg::{matmul, slice, with_slice, zeroed_by_chunks, View};
-
-/// Whether [`conv2d`] takes `x`: f32 or f64 on the CPU.
-pub fn supports(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-}
 
 /// y = conv(x, w) + b with padding k/2 and stride `stride` (1, or 2 on even sizes) for an odd square
 /// kernel w (C_out x C x k x k), on f32 or f64 tensors on the CPU; b is (C_out), or (N, C_out) for a
 /// bias per image.
-pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
     if !supports(x) {
         return Err(Error::Config(format!(
             "the CPU convolution takes f32 or f64 tensors on the CPU, got {:?} on {:?}",
@@ -42,7 +38,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tenso
             x.device()
         )));
     }
-    crate::layers::check_conv(x, w, stride)?;
+    check_conv(x, w, stride)?;
     let (n, co) = (x.dim(0)?, w.dim(0)?);
     if b.dims() != [co] && b.dims() != [n, co] {
         return Err(Error::Config(format!(
@@ -77,7 +73,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// From shapes that passed [`crate::layers::check_conv`].
+    /// From shapes that passed [`check_conv`].
     fn new(x: &Shape, w: &Shape, stride: usize) -> candle_core::Result<Self> {
         let (n, c, h, wd) = x.dims4()?;
         let (co, _, k, _) = w.dims4()?;
@@ -680,6 +676,26 @@ impl CustomOp3 for Conv {
         };
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The convolutions supported by the U-Net's layers: an odd square kernel matching the input's channels, stride 1 or 2
+/// (even sizes for 2).
+pub(crate) fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, ci, k, k2) = w.dims4()?;
+    if ci != c || k != k2 || k % 2 == 0 || !(stride == 1 || stride == 2) {
+        return Err(Error::Config(format!(
+            "convolution of {:?} with kernel {:?} and stride {stride} is not supported",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    if stride == 2 && (h % 2 != 0 || wd % 2 != 0) {
+        return Err(Error::Config(format!(
+            "a stride-2 convolution needs even height and width, got {h}x{wd}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

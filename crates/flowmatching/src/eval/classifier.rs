@@ -1,5 +1,5 @@
 //! A small image classifier for evaluation: class accuracy of generated samples and the features that
-//! the Frechet distance ([`crate::frechet::frechet_distance`]) compares.
+//! the Frechet distance ([`crate::eval::frechet::frechet_distance`]) compares.
 //!
 //! ```text
 //! conv3x3(C -> 32), ReLU, maxpool 2 -> conv3x3(32 -> 64), ReLU, maxpool 2 -> dense(-> 128), ReLU = features
@@ -13,10 +13,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::frechet::GaussianStats;
 use crate::error::{Error, Result};
-use crate::layers::{Builder, Weights};
-use crate::model::{Init, Params};
+use crate::nn::layers::{Builder, Weights};
 use crate::optim::{AdamW, AdamWConfig, LrDecay};
+use crate::params::{Init, Params};
 use crate::rng::Rng;
 
 /// Penultimate feature width.
@@ -114,6 +115,12 @@ impl Classifier {
             out.extend(self.features(&x)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+
+    /// The Gaussian statistics of the features of many rows (500 at a time): what the Frechet distance
+    /// compares.
+    pub fn feature_stats(&self, rows: &[f32], device: &Device) -> Result<GaussianStats> {
+        GaussianStats::of(&self.features_of(rows, 500, device)?, FEATURES)
     }
 
     /// Predicted classes of many rows.

@@ -75,11 +75,17 @@ pub struct VP {
     pub beta_max: f64,
 }
 
+impl VP {
+    /// The usual schedule of Song et al. and the flow-matching paper: beta_min = 0.1, beta_max = 20.
+    pub const BETA_MIN: f64 = 0.1;
+    pub const BETA_MAX: f64 = 20.0;
+}
+
 impl Default for VP {
     fn default() -> Self {
         Self {
-            beta_min: 0.1,
-            beta_max: 20.0,
+            beta_min: Self::BETA_MIN,
+            beta_max: Self::BETA_MAX,
         }
     }
 }
@@ -194,6 +200,14 @@ impl Default for SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// The VP path with the default betas ([`VP::BETA_MIN`], [`VP::BETA_MAX`]).
+    pub fn default_vp() -> Self {
+        SchedulerConfig::Vp {
+            beta_min: VP::BETA_MIN,
+            beta_max: VP::BETA_MAX,
+        }
+    }
+
     /// Builds the scheduler, checking its parameters.
     pub fn build(&self) -> Result<Box<dyn Scheduler>> {
         Ok(match *self {
@@ -208,10 +222,7 @@ impl SchedulerConfig {
     pub fn from_name(name: &str, sigma_min: f64) -> Result<Self> {
         match name {
             "ot" | "cond-ot" | "condot" => Ok(SchedulerConfig::CondOt { sigma_min }),
-            "vp" | "diffusion" => Ok(SchedulerConfig::Vp {
-                beta_min: 0.1,
-                beta_max: 20.0,
-            }),
+            "vp" | "diffusion" => Ok(SchedulerConfig::default_vp()),
             "cosine" => Ok(SchedulerConfig::Cosine),
             "poly" | "polynomial" => Ok(SchedulerConfig::Polynomial { n: 2.0 }),
             other => Err(Error::Config(format!(

@@ -13,9 +13,9 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::model::VelocityField;
-use crate::path::time_tensor;
+use crate::field::VelocityField;
 use crate::solver::{solve, Rk4, SolveOptions};
+use crate::tensor::time_tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Straightness {
@@ -31,10 +31,7 @@ pub struct Straightness {
 pub fn straightness(field: &dyn VelocityField, x0: &Tensor, steps: usize) -> Result<Straightness> {
     let steps = steps.max(1);
     let times: Vec<f64> = (0..=steps).map(|k| k as f64 / steps as f64).collect();
-    let opts = SolveOptions {
-        grid: times.clone(),
-        ..SolveOptions::constant(steps)
-    };
+    let opts = SolveOptions::constant(steps).grid(times.clone());
     let sol = solve(field, &Rk4, x0, 0.0, 1.0, &opts)?;
     let xs = &sol.grid;
     let x1 = &xs[steps];

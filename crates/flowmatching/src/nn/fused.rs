@@ -19,9 +19,10 @@ use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::linalg::{exp_f32, host, matmul, multiversion, View};
-use crate::model::{Activation, MlpConfig, Params, TimeEmbedding, VelocityField};
-use crate::optim::AdamWConfig;
+use super::mlp::{Activation, MlpConfig, TimeEmbedding};
+use crate::cpu::linalg::{exp_f32, host, matmul, multiversion, View};
+use crate::field::VelocityField;
+use crate::params::Params;
 
 const SELU_LAMBDA: f32 = 1.050_701;
 const SELU_ALPHA: f32 = 1.673_263_2;
@@ -555,74 +556,6 @@ impl VelocityField for FastMlp {
     }
 }
 
-/// AdamW moments for a flat parameter vector, with the same update as [`crate::optim::AdamW`].
-#[derive(Debug, Clone)]
-pub struct FlatAdamW {
-    pub config: AdamWConfig,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
-    pub steps: u64,
-}
-
-impl FlatAdamW {
-    pub fn new(n: usize, config: AdamWConfig) -> Self {
-        Self {
-            config,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            steps: 0,
-        }
-    }
-
-    /// theta <- theta (1 - lr wd) - (lr / bc1) m / (sqrt(v / bc2) + eps), after updating m and v.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
-        self.steps += 1;
-        let c = self.config;
-        let k = self.steps as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(k), 1.0 - c.beta2.powi(k));
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-        let (step, inv_bc2, eps) = ((lr / bc1) as f32, (1.0 / bc2) as f32, c.eps as f32);
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let kernel = |(((p, g), m), v): (((&mut f32, &f32), &mut f32), &mut f32)| {
-            *m = *m * b1 + *g * a1;
-            *v = *v * b2 + *g * *g * a2;
-            let update = (*m * step) / ((*v * inv_bc2).sqrt() + eps);
-            *p = *p * decay - update;
-        };
-        let chunk = 1 << 14;
-        if params.len() >= PAR_MIN {
-            params
-                .par_chunks_mut(chunk)
-                .zip(grads.par_chunks(chunk))
-                .zip(self.m.par_chunks_mut(chunk))
-                .zip(self.v.par_chunks_mut(chunk))
-                .for_each(|(((p, g), m), v)| {
-                    p.iter_mut()
-                        .zip(g)
-                        .zip(m.iter_mut())
-                        .zip(v.iter_mut())
-                        .for_each(kernel)
-                });
-        } else {
-            params
-                .iter_mut()
-                .zip(grads)
-                .zip(self.m.iter_mut())
-                .zip(self.v.iter_mut())
-                .for_each(kernel);
-        }
-    }
-}
-
-/// ema <- decay ema + (1 - decay) theta.
-pub fn ema_update(ema: &mut [f32], params: &[f32], decay: f64) {
-    let (d, a) = (decay as f32, (1.0 - decay) as f32);
-    ema.iter_mut()
-        .zip(params)
-        .for_each(|(e, &p)| *e = *e * d + p * a);
-}
-
 multiversion! {
     /// h = z sigmoid(z) in place; keeps s = sigmoid(z).
     fn silu_chunk(z: &mut [f32], s: &mut [f32]) {
@@ -748,7 +681,7 @@ fn selu_backward(g: &mut [f32], h: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelConfig;
+    use crate::nn::ModelConfig;
     use crate::rng::Rng;
     use candle_core::{DType, Device};
 

@@ -19,11 +19,12 @@
 //! Each conversion is `v = a(t) x + b(t) prediction`; [`AffinePath::conversion`] returns (a, b).
 //! The x1 form is singular where sigma_t = 0, the noise and score forms where alpha_t = 0 (t = 0 on CondOT).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use crate::error::{Error, Result};
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
+use crate::tensor::column;
 
 /// What a network predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -187,13 +188,13 @@ impl AffinePath {
 
 /// A model that predicts `prediction` on `path`, seen as the velocity field of the probability-flow ODE.
 /// This is how every objective samples through the same solvers.
-pub struct AsVelocity<'a, F: crate::model::VelocityField + ?Sized> {
+pub struct AsVelocity<'a, F: crate::field::VelocityField + ?Sized> {
     pub field: &'a F,
     pub path: &'a AffinePath,
     pub prediction: Prediction,
 }
 
-impl<F: crate::model::VelocityField + ?Sized> crate::model::VelocityField for AsVelocity<'_, F> {
+impl<F: crate::field::VelocityField + ?Sized> crate::field::VelocityField for AsVelocity<'_, F> {
     fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let pred = self.field.forward(x, t)?;
         if self.prediction == Prediction::Velocity {
@@ -227,27 +228,11 @@ impl<F: crate::model::VelocityField + ?Sized> crate::model::VelocityField for As
     }
 }
 
-/// A per-row column shaped (B, 1, ..., 1) to broadcast against `like` (dtype and device of `like`).
-pub(crate) fn column(values: impl Iterator<Item = f64>, like: &Tensor) -> Result<Tensor> {
-    let v: Vec<f64> = values.collect();
-    let mut shape = vec![v.len()];
-    shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
-        .to_dtype(like.dtype())?
-        .to_device(like.device())?)
-}
-
-/// A tensor of `n` copies of the time `t` (shape (n,)), as models take it.
-pub fn time_tensor(t: f64, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::full(t, n, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{CondOT, Cosine, Polynomial, VP};
+    use crate::path::{CondOT, Cosine, Polynomial, VP};
+    use candle_core::Device;
 
     fn paths() -> Vec<AffinePath> {
         vec![

@@ -1,0 +1,93 @@
+//! The training loop of the commands that train: a progress bar (steps/s, loss, ETA), periodic
+//! checkpoints, and a checkpoint on Ctrl-C or at the time limit, from which `--resume` continues.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use flowmatching::checkpoint;
+use flowmatching::data::DataSource;
+use flowmatching::train::Trainer;
+
+use crate::progress;
+
+/// How a training loop ended.
+pub struct Outcome {
+    pub last_loss: f64,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+/// Runs the trainer to its configured total, with a progress bar and periodic checkpoints in `out`.
+/// On Ctrl-C it saves a checkpoint and returns with `interrupted` set.
+pub fn run_loop(
+    trainer: &mut Trainer,
+    data: &dyn DataSource,
+    source: Option<&dyn DataSource>,
+    out: &Path,
+    every: u64,
+    max_minutes: Option<f64>,
+) -> Result<Outcome> {
+    let total = trainer.config().train.steps;
+    let bar = progress::training_bar(total, trainer.step_count());
+    let stop = progress::interrupt_flag();
+    let start = Instant::now();
+    let mut loss = f64::NAN;
+    let mut smoothed = None::<f64>;
+    while trainer.step_count() < total {
+        loss = match trainer.step_from(data, source) {
+            Ok(l) => l,
+            Err(e) => {
+                bar.abandon();
+                bail!("{e}\nthe last good checkpoint is in {}", out.display());
+            }
+        };
+        let s = smoothed.map_or(loss, |s| 0.98 * s + 0.02 * loss);
+        smoothed = Some(s);
+        let step = trainer.step_count();
+        bar.set_position(step);
+        if step.is_multiple_of(20) || step == total {
+            bar.set_message(format!("{s:.4}"));
+        }
+        if every > 0 && step.is_multiple_of(every) && step < total {
+            checkpoint::save(trainer, out, Some(loss))?;
+        }
+        let out_of_time = max_minutes.is_some_and(|m| start.elapsed().as_secs_f64() > 60.0 * m);
+        if stop.load(Ordering::SeqCst) || out_of_time {
+            bar.abandon();
+            checkpoint::save(trainer, out, Some(loss))?;
+            eprintln!(
+                "{} at step {step}; checkpoint saved in {}. Resume with the same command plus --resume.",
+                if out_of_time { "time limit reached" } else { "interrupted" },
+                out.display()
+            );
+            return Ok(Outcome {
+                last_loss: loss,
+                seconds: start.elapsed().as_secs_f64(),
+                interrupted: true,
+            });
+        }
+    }
+    bar.finish();
+    let seconds = start.elapsed().as_secs_f64();
+    checkpoint::save(trainer, out, Some(loss))?;
+    Ok(Outcome {
+        last_loss: loss,
+        seconds,
+        interrupted: false,
+    })
+}
+
+/// The line that ends a finished training run (scripts parse its "done: N steps in S s").
+pub fn report_done(trainer: &Trainer, o: &Outcome, out: &Path) {
+    if !o.interrupted {
+        eprintln!(
+            "done: {} steps in {:.1} s, last loss {:.4}; checkpoint in {}",
+            trainer.step_count(),
+            o.seconds,
+            o.last_loss,
+            out.display()
+        );
+    }
+}

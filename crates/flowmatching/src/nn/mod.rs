@@ -1,0 +1,21 @@
+//! The velocity networks: the MLP, the image U-Net, their layers and the fused CPU MLP engine.
+//!
+//! - [`mlp`]: the MLP v(x, t) and its configuration;
+//! - [`unet`]: the U-Net for images (class-conditional with a null class for guidance);
+//! - [`layers`]: named weights and the layers built from them (dense, convolution, GroupNorm), and the
+//!   choice of convolution implementation ([`ConvImpl`]);
+//! - [`model`]: [`ModelConfig`] (what checkpoints store) and [`Model`] (any of the above);
+//! - `fused`: the CPU engine that trains and evaluates MLPs on flat buffers ([`FastMlp`] for inference).
+
+mod fused;
+pub mod layers;
+pub mod mlp;
+pub mod model;
+pub mod unet;
+
+pub use fused::FastMlp;
+pub(crate) use fused::MlpEngine;
+pub use layers::{conv2d, conv2d_gemm_backward, conv_impl, set_conv_impl, ConvImpl};
+pub use mlp::{Activation, Linear, Mlp, MlpConfig, TimeEmbedding};
+pub use model::{Labeled, Model, ModelConfig};
+pub use unet::{UNet, UNetConfig};

@@ -1,0 +1,252 @@
+//! [`ModelConfig`] (the serialisable model description of checkpoints) and [`Model`], any of the
+//! library's velocity networks.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::fused::FastMlp;
+use super::mlp::Mlp;
+use super::unet::UNet;
+use super::{MlpConfig, UNetConfig};
+use crate::error::{Error, Result};
+use crate::field::VelocityField;
+use crate::params::{Init, Params};
+use crate::rng::Rng;
+
+/// A serialisable model description, as stored in checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelConfig {
+    Mlp(MlpConfig),
+    #[serde(rename = "unet")]
+    UNet(UNetConfig),
+}
+
+impl ModelConfig {
+    /// Builds the model with fresh parameters drawn from `rng`.
+    pub fn build(&self, rng: &mut Rng, device: &Device, dtype: DType) -> Result<(Model, Params)> {
+        let mut params = Params::default();
+        let mut init = Init {
+            rng,
+            device: device.clone(),
+            dtype,
+        };
+        let model = match self {
+            ModelConfig::Mlp(c) => Model::Mlp(Mlp::new(*c, &mut params, &mut init)?),
+            ModelConfig::UNet(c) => Model::UNet(UNet::new(c.clone(), &mut params, &mut init)?),
+        };
+        Ok((model, params))
+    }
+
+    /// The data dimension the model works on.
+    pub fn dim(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(c) => c.dim,
+            ModelConfig::UNet(c) => c.dim(),
+        }
+    }
+
+    /// The largest model this build agrees to allocate (parameters).
+    pub const MAX_PARAMS: u128 = 1 << 32;
+
+    /// Checks the shape and that the model is not absurdly large (a corrupt or hostile config must not
+    /// make the program try to allocate terabytes).
+    pub fn validate(&self) -> Result<()> {
+        let too_big = |n: u128| {
+            Err(Error::Config(format!(
+                "the model would have about {n} parameters, more than this build allows ({})",
+                Self::MAX_PARAMS
+            )))
+        };
+        match self {
+            ModelConfig::Mlp(c) => {
+                c.validate()?;
+                let (d, h, k) = (c.dim as u128, c.hidden as u128, c.depth as u128);
+                let n = (d + c.time_features() as u128 + 1) * h + k * (h + 1) * h + (h + 1) * d;
+                if n > Self::MAX_PARAMS {
+                    return too_big(n);
+                }
+            }
+            ModelConfig::UNet(c) => {
+                c.validate()?;
+                let widest = c.channel_mults.iter().max().copied().unwrap_or(1) as u128;
+                let ch = c.base_channels as u128 * widest;
+                let blocks = (c.channel_mults.len() as u128) * (2 * c.res_blocks as u128 + 1) + 2;
+                let n = blocks * 3 * 9 * ch * ch + (c.num_classes as u128 + 1) * 4 * ch;
+                if n > Self::MAX_PARAMS || c.dim() as u128 > Self::MAX_PARAMS {
+                    return too_big(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Classes the model is conditioned on (0: unconditional).
+    pub fn num_classes(&self) -> usize {
+        match self {
+            ModelConfig::Mlp(_) => 0,
+            ModelConfig::UNet(c) => c.num_classes,
+        }
+    }
+
+    /// (channels, height, width) for image models.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        match self {
+            ModelConfig::Mlp(_) => None,
+            ModelConfig::UNet(c) => Some([c.channels, c.height, c.width]),
+        }
+    }
+}
+
+/// Any of the library's models.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Mlp(Mlp),
+    /// An MLP evaluated by the fused CPU engine (inference only; see [`Model::frozen`]).
+    FastMlp(FastMlp),
+    UNet(UNet),
+}
+
+impl Model {
+    /// A copy for inference: weights as constants (no parameter gradients) and, for an MLP on the CPU,
+    /// the fused engine. Sampling and likelihood computations use this.
+    pub fn frozen(&self) -> Result<Model> {
+        Ok(match self {
+            Model::Mlp(m) if m.device().is_cpu() => {
+                Model::FastMlp(FastMlp::from_tensors(*m.config(), &m.tensors())?)
+            }
+            Model::Mlp(m) => Model::Mlp(m.frozen()),
+            Model::FastMlp(m) => Model::FastMlp(m.clone()),
+            Model::UNet(m) => Model::UNet(m.frozen()),
+        })
+    }
+
+    /// Classes the model is conditioned on (0: unconditional; the null class is `num_classes`).
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Model::UNet(m) => m.config().num_classes,
+            _ => 0,
+        }
+    }
+
+    /// v(x, t | y): the class-conditional field for per-row labels (None: unconditional).
+    pub fn forward_cond(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        match (self, labels) {
+            (Model::UNet(m), _) => m.forward_cond(x, t, labels),
+            (_, None) => self.forward(x, t),
+            (_, Some(_)) => Err(Error::Config(
+                "this model is not class-conditional; it takes no labels".into(),
+            )),
+        }
+    }
+}
+
+/// A conditional model with its labels fixed: the field v(x, t | y) as a [`VelocityField`].
+pub struct Labeled<'a> {
+    pub model: &'a Model,
+    pub labels: Tensor,
+}
+
+impl VelocityField for Labeled<'_> {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward_cond(x, t, Some(&self.labels))
+    }
+}
+
+impl VelocityField for Model {
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Mlp(m) => m.forward(x, t),
+            Model::FastMlp(m) => m.forward(x, t),
+            Model::UNet(m) => m.forward_cond(x, t, None),
+        }
+    }
+
+    fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        match self {
+            Model::Mlp(m) => m.jvp(x, t, u),
+            Model::FastMlp(m) => m.jvp(x, t, u),
+            Model::UNet(_) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::nn::{Activation, TimeEmbedding};
+
+    #[test]
+    fn mlp_shapes_and_parameter_count() {
+        for te in [TimeEmbedding::Input, TimeEmbedding::Sinusoidal { dim: 8 }] {
+            let cfg = MlpConfig {
+                dim: 2,
+                hidden: 16,
+                depth: 3,
+                time_embedding: te,
+                activation: Activation::Silu,
+            };
+            let mut rng = Rng::new(0);
+            let (m, p) = ModelConfig::Mlp(cfg)
+                .build(&mut rng, &Device::Cpu, DType::F32)
+                .unwrap();
+            let tf = if te == TimeEmbedding::Input { 1 } else { 8 };
+            assert_eq!(
+                p.count(),
+                (2 + tf) * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 2 + 2
+            );
+            let x = Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap();
+            let t = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(m.forward(&x, &t).unwrap().dims(), &[5, 2]);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_weights() {
+        let cfg = ModelConfig::Mlp(MlpConfig::new(2));
+        let a = cfg
+            .build(&mut Rng::new(3), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let b = cfg
+            .build(&mut Rng::new(3), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        for ((_, x), (_, y)) in a.iter().zip(b.iter()) {
+            let d: f32 = (x.as_tensor() - y.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0);
+        }
+    }
+
+    #[test]
+    fn load_rejects_other_architectures() {
+        let small = ModelConfig::Mlp(MlpConfig {
+            hidden: 8,
+            ..MlpConfig::new(2)
+        });
+        let big = ModelConfig::Mlp(MlpConfig {
+            hidden: 16,
+            ..MlpConfig::new(2)
+        });
+        let a = small
+            .build(&mut Rng::new(0), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let b = big
+            .build(&mut Rng::new(0), &Device::Cpu, DType::F32)
+            .unwrap()
+            .1;
+        let saved: HashMap<String, Tensor> = a.snapshot().unwrap().into_iter().collect();
+        assert!(b.load(&saved).is_err());
+        assert!(a.load(&saved).is_ok());
+    }
+}
