@@ -39,3 +39,29 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     })
     .clone()
 }
+
+/// The training bar of a study that trains one run after another: started per run, advanced per step
+/// (the loss shown every 20 steps), cleared when the run is done.
+#[derive(Default)]
+pub struct RunBars(Option<ProgressBar>);
+
+impl RunBars {
+    pub fn start(&mut self, steps: u64) {
+        self.0 = Some(training_bar(steps, 0));
+    }
+
+    pub fn step(&self, step: u64, loss: f64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(step);
+            if step.is_multiple_of(20) {
+                bar.set_message(format!("{loss:.4}"));
+            }
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -70,22 +70,17 @@ struct Reporter<'a> {
     out: &'a Path,
     image: Option<[usize; 3]>,
     window: (f32, f32),
-    bar: Option<indicatif::ProgressBar>,
+    bars: progress::RunBars,
 }
 
 impl Observer for Reporter<'_> {
     fn started(&mut self, objective: Objective, steps: u64) {
         eprintln!("ablate: {} ({steps} steps)", objective.name());
-        self.bar = Some(progress::training_bar(steps, 0));
+        self.bars.start(steps);
     }
 
     fn step(&mut self, step: u64, loss: f64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(step);
-            if step.is_multiple_of(20) {
-                bar.set_message(format!("{loss:.4}"));
-            }
-        }
+        self.bars.step(step, loss);
     }
 
     fn finished(
@@ -94,9 +89,7 @@ impl Observer for Reporter<'_> {
         row: &[Vec<f32>],
         r: &ObjectiveResult,
     ) -> Result<(), flowmatching::Error> {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
+        self.bars.finish();
         let name = file_name(r.objective);
         picture(
             &self.out.join(format!("samples-{name}.png")),
@@ -241,7 +234,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         out: &a.out,
         image,
         window,
-        bar: None,
+        bars: Default::default(),
     };
     let results = experiment.run(&mut reporter)?;
     if let Quality::Energy { reference, .. } = &experiment.eval.quality {

@@ -10,29 +10,24 @@ use flowmatching::rng::Rng;
 use flowmatching::train::Trainer;
 
 use crate::cli::CouplingsArgs;
-use crate::io;
 use crate::report::couplings::{report, write_figures};
+use crate::{io, progress};
 
 /// Progress bars, a checkpoint per variant, and the sample sets for the figures.
 struct Reporter<'a> {
     checkpoints: &'a Path,
-    bar: Option<indicatif::ProgressBar>,
+    bars: progress::RunBars,
     sets: Vec<(String, Vec<Vec<f32>>)>,
 }
 
 impl Observer for Reporter<'_> {
     fn started(&mut self, name: &str, steps: u64) {
         eprintln!("{name}: training {steps} steps");
-        self.bar = Some(crate::progress::training_bar(steps, 0));
+        self.bars.start(steps);
     }
 
     fn step(&mut self, step: u64, loss: f64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(step);
-            if step.is_multiple_of(20) {
-                bar.set_message(format!("{loss:.4}"));
-            }
-        }
+        self.bars.step(step, loss);
     }
 
     fn finished(
@@ -41,9 +36,7 @@ impl Observer for Reporter<'_> {
         trainer: &Trainer,
         sets: &[Vec<f32>],
     ) -> Result<(), flowmatching::Error> {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
+        self.bars.finish();
         self.sets.push((name.to_string(), sets.to_vec()));
         let dir = self.checkpoints.join(name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -86,7 +79,7 @@ pub fn run(a: &CouplingsArgs) -> Result<()> {
     io::ensure_dir(&a.out)?;
     let mut reporter = Reporter {
         checkpoints: &a.out.join("checkpoints"),
-        bar: None,
+        bars: Default::default(),
         sets: vec![],
     };
     let results = couplings::run(

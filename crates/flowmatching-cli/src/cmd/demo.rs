@@ -6,15 +6,14 @@ use anyhow::Result;
 use candle_core::Device;
 use flowmatching::data::{DataSource, Toy2d};
 use flowmatching::eval::metrics::{checkerboard_support, energy_distance};
-use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use flowmatching::nn::{MlpConfig, ModelConfig};
 use flowmatching::objective::Weighting;
-use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::path::SchedulerConfig;
 use flowmatching::rng::Rng;
 use flowmatching::sample::transport;
 use flowmatching::solver::{SolveOptions, SolverKind};
-use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+use flowmatching::train::{RunConfig, TrainConfig, Trainer};
 use serde::Serialize;
 
 use crate::cli::DemoArgs;
@@ -29,36 +28,14 @@ const SOLVER_STEPS: usize = 50;
 /// The demo's model and optimiser: a 3-hidden x4-2 SiLU MLP on the CondOT path, AdamW with warm-up and
 /// cosine decay.
 fn demo_config(steps: u64, seed: u64, hidden: usize, batch: usize, lr: f64) -> RunConfig {
-    RunConfig {
-        format_version: FORMAT_VERSION,
-        model: ModelConfig::Mlp(MlpConfig {
-            dim: 2,
-            hidden,
-            depth: 4,
-            time_embedding: TimeEmbedding::Input,
-            activation: Activation::Silu,
-        }),
-        path: SchedulerConfig::CondOt { sigma_min: 1e-5 },
-        prediction: Prediction::Velocity,
-        weighting: Weighting::Uniform,
-        train: TrainConfig {
-            steps,
-            batch_size: batch,
-            optimizer: AdamWConfig {
-                lr,
-                ..Default::default()
-            },
-            warmup_steps: 100,
-            lr_decay: LrDecay::Cosine,
-            grad_clip: Some(1.0),
-            ema_decay: 0.999,
-            seed,
-            label_dropout: 0.0,
-            coupling: Default::default(),
-        },
-        data: "checkerboard".into(),
-        source: None,
-    }
+    let model = ModelConfig::Mlp(MlpConfig::silu(2, hidden, 4));
+    let parts = (
+        SchedulerConfig::CondOt { sigma_min: 1e-5 },
+        Prediction::Velocity,
+        Weighting::Uniform,
+    );
+    let train = TrainConfig::cosine(steps, batch, lr, 100, seed);
+    RunConfig::new(model, parts, train, "checkerboard")
 }
 
 #[derive(Serialize)]

@@ -18,14 +18,13 @@ use crate::eval::metrics::{checkerboard_support, energy_distance};
 use crate::likelihood::{
     bits_per_dim, log_likelihood_unless_stopped, Divergence, LikelihoodOptions, Probe,
 };
-use crate::nn::{Activation, MlpConfig, Model, ModelConfig, TimeEmbedding, UNetConfig};
+use crate::nn::{MlpConfig, Model, ModelConfig, UNetConfig};
 use crate::objective::Objective;
-use crate::optim::{AdamWConfig, LrDecay};
 use crate::path::{AffinePath, Prediction, SchedulerConfig};
 use crate::rng::Rng;
 use crate::sample::{draw_batched, initial_points, RunField};
 use crate::solver::{Adaptive, SolveOptions, SolverKind, StepControl};
-use crate::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+use crate::train::{RunConfig, TrainConfig, Trainer};
 
 /// Fixed-NFE budgets of the Figure 4 and Table 1 analogues.
 pub const NFES: [usize; 4] = [4, 8, 16, 32];
@@ -179,43 +178,14 @@ pub fn run_config(
     data: &str,
     model: ModelConfig,
 ) -> RunConfig {
-    let (path, prediction, weighting) = obj.parts();
-    RunConfig {
-        format_version: FORMAT_VERSION,
-        model,
-        path,
-        prediction,
-        weighting,
-        train: TrainConfig {
-            steps: s.steps,
-            batch_size: s.batch,
-            optimizer: AdamWConfig {
-                lr: 1e-3,
-                ..Default::default()
-            },
-            warmup_steps: 100,
-            lr_decay: LrDecay::Cosine,
-            grad_clip: Some(1.0),
-            ema_decay: 0.999,
-            seed,
-            label_dropout: 0.0,
-            coupling: Default::default(),
-        },
-        data: data.into(),
-        source: None,
-    }
+    let train = TrainConfig::cosine(s.steps, s.batch, 1e-3, 100, seed);
+    RunConfig::new(model, obj.parts(), train, data)
 }
 
 /// The MLP of the 2-D ablation, or the unconditional `tiny` U-Net (base channels `s.hidden`) on images.
 pub fn network(s: &Sizes, image: Option<[usize; 3]>) -> ModelConfig {
     match image {
-        None => ModelConfig::Mlp(MlpConfig {
-            dim: 2,
-            hidden: s.hidden,
-            depth: 4,
-            time_embedding: TimeEmbedding::Input,
-            activation: Activation::Silu,
-        }),
+        None => ModelConfig::Mlp(MlpConfig::silu(2, s.hidden, 4)),
         Some([c, h, w]) => {
             let mut u = UNetConfig::tiny(c, h, w, 0);
             u.base_channels = s.hidden;

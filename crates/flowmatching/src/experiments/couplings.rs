@@ -12,13 +12,12 @@ use crate::coupling::Coupling;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::eval::summary::{evaluate, EvalReport};
-use crate::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding};
+use crate::nn::{MlpConfig, ModelConfig};
 use crate::objective::Weighting;
-use crate::optim::{AdamWConfig, LrDecay};
 use crate::path::{Prediction, SchedulerConfig};
 use crate::reflow;
 use crate::rng::Rng;
-use crate::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+use crate::train::{RunConfig, TrainConfig, Trainer};
 
 /// The sizes and names of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,35 +90,19 @@ impl Observer for () {}
 /// The run configuration of every variant: MLP 3-hidden x4-2 (SiLU), the OT path with sigma_min 0,
 /// AdamW at 1e-3 with 200 warm-up steps and cosine decay, clipping at 1, EMA 0.999.
 pub fn base_config(c: &CouplingsConfig, coupling: Coupling) -> RunConfig {
+    let model = ModelConfig::Mlp(MlpConfig::silu(2, c.hidden, 4));
+    let parts = (
+        SchedulerConfig::CondOt { sigma_min: 0.0 },
+        Prediction::Velocity,
+        Weighting::Uniform,
+    );
+    let train = TrainConfig {
+        coupling,
+        ..TrainConfig::cosine(c.steps, c.batch_size, 1e-3, 200, c.seed)
+    };
     RunConfig {
-        format_version: FORMAT_VERSION,
-        model: ModelConfig::Mlp(MlpConfig {
-            dim: 2,
-            hidden: c.hidden,
-            depth: 4,
-            time_embedding: TimeEmbedding::Input,
-            activation: Activation::Silu,
-        }),
-        path: SchedulerConfig::CondOt { sigma_min: 0.0 },
-        prediction: Prediction::Velocity,
-        weighting: Weighting::Uniform,
-        train: TrainConfig {
-            steps: c.steps,
-            batch_size: c.batch_size,
-            optimizer: AdamWConfig {
-                lr: 1e-3,
-                ..Default::default()
-            },
-            warmup_steps: 200,
-            lr_decay: LrDecay::Cosine,
-            grad_clip: Some(1.0),
-            ema_decay: 0.999,
-            seed: c.seed,
-            label_dropout: 0.0,
-            coupling,
-        },
-        data: c.data.clone(),
         source: c.source.clone(),
+        ..RunConfig::new(model, parts, train, c.data.clone())
     }
 }
 

@@ -95,6 +95,15 @@ impl MlpConfig {
         }
     }
 
+    /// A `dim` -> `hidden` (x `depth`) -> `dim` SiLU MLP with t as an input feature.
+    pub fn silu(dim: usize, hidden: usize, depth: usize) -> Self {
+        Self {
+            hidden,
+            depth,
+            ..Self::new(dim)
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 || self.hidden == 0 || self.depth == 0 {
             return Err(Error::Config(format!(

@@ -58,6 +58,29 @@ pub struct TrainConfig {
     pub coupling: crate::coupling::Coupling,
 }
 
+impl TrainConfig {
+    /// The recipe of the demo and the studies: AdamW at `lr` (default betas, no weight decay),
+    /// `warmup_steps` of linear warm-up then cosine decay to 0, clipping at 1, EMA 0.999, no label
+    /// dropout, independent pairs.
+    pub fn cosine(steps: u64, batch_size: usize, lr: f64, warmup_steps: u64, seed: u64) -> Self {
+        Self {
+            steps,
+            batch_size,
+            optimizer: AdamWConfig {
+                lr,
+                ..Default::default()
+            },
+            warmup_steps,
+            lr_decay: LrDecay::Cosine,
+            grad_clip: Some(1.0),
+            ema_decay: 0.999,
+            seed,
+            label_dropout: 0.0,
+            coupling: crate::coupling::Coupling::Independent,
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
@@ -95,6 +118,28 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// A run of `model` on a path, prediction and loss weighting (as [`Objective::parts`] gives them)
+    /// with `train`, on the data named `data`, from N(0, I).
+    ///
+    /// [`Objective::parts`]: crate::objective::Objective::parts
+    pub fn new(
+        model: ModelConfig,
+        (path, prediction, weighting): (SchedulerConfig, Prediction, Weighting),
+        train: TrainConfig,
+        data: impl Into<String>,
+    ) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            model,
+            path,
+            prediction,
+            weighting,
+            train,
+            data: data.into(),
+            source: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.format_version > FORMAT_VERSION {
             return Err(Error::Config(format!(
