@@ -65,6 +65,10 @@ fn main() {
         cli::Command::Couplings(a) => cmd::couplings::run(a),
     };
     if let Err(e) = result {
+        if e.downcast_ref::<training::Interrupted>().is_some() {
+            // The training loop has said where its checkpoint is.
+            std::process::exit(130);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

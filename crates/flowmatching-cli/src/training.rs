@@ -16,11 +16,26 @@ use crate::progress;
 pub struct Outcome {
     pub last_loss: f64,
     pub seconds: f64,
+    /// Stopped at the time limit (`--max-minutes`) before the last step.
     pub interrupted: bool,
 }
 
+/// Training stopped by Ctrl-C after saving its checkpoint: the command exits with status 130, as a
+/// process ended by SIGINT does, so that scripts can tell it from a finished run.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Runs the trainer to its configured total, with a progress bar and periodic checkpoints in `out`.
-/// On Ctrl-C it saves a checkpoint and returns with `interrupted` set.
+/// At the time limit it saves a checkpoint and returns with `interrupted` set; on Ctrl-C it saves a
+/// checkpoint and returns [`Interrupted`].
 pub fn run_loop(
     trainer: &mut Trainer,
     data: &dyn DataSource,
@@ -62,6 +77,9 @@ pub fn run_loop(
                 if out_of_time { "time limit reached" } else { "interrupted" },
                 out.display()
             );
+            if !out_of_time {
+                return Err(Interrupted.into());
+            }
             return Ok(Outcome {
                 last_loss: loss,
                 seconds: start.elapsed().as_secs_f64(),

@@ -728,3 +728,51 @@ fn sigkill_during_saves_keeps_a_loadable_checkpoint() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Ctrl-C during `train`: a checkpoint is saved and the exit status is 130 (not 0), so scripts can tell
+/// an interrupted run from a finished one; `--resume` continues it.
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130() {
+    use std::io::{BufRead, BufReader};
+    let d = tmpdir("sigint");
+    let out = d.join("run");
+    let mut child = bin()
+        .args([
+            "train",
+            "--data",
+            "moons",
+            "--steps",
+            "10000000",
+            "--hidden",
+            "64",
+            "--depth",
+            "2",
+            "--batch-size",
+            "64",
+            "--out",
+            &s(&out),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // The loop installs its Ctrl-C handler right after announcing the run.
+    let started = lines
+        .by_ref()
+        .map_while(|l| l.ok())
+        .any(|l| l.starts_with("training on"));
+    assert!(started, "train never started");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // SAFETY: sends SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted at step")),
+        "{rest:?}"
+    );
+    assert!(out.join("checkpoint.json").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

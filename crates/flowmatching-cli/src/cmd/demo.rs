@@ -70,9 +70,6 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         a.steps
     );
     let outcome = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
-    if outcome.interrupted {
-        return Ok(());
-    }
     let model = trainer.ema_model()?;
     let start = Instant::now();
     let opts = SolveOptions::constant(SOLVER_STEPS);
