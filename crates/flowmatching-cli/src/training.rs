@@ -1,16 +1,52 @@
 //! The training loop of the commands that train: a progress bar (steps/s, loss, ETA), periodic
 //! checkpoints, and a checkpoint on Ctrl-C or at the time limit, from which `--resume` continues.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use flowmatching::checkpoint;
 use flowmatching::data::DataSource;
 use flowmatching::train::Trainer;
 
 use crate::progress;
+
+/// An advisory lock on a training folder, so that a second run on the same folder is refused while
+/// the first runs instead of both writing its checkpoints. The operating system releases it when the
+/// process ends, crashed or not; the lock file is removed when the guard is dropped.
+pub struct FolderLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the lock of `dir` (which must exist), or says who holds it.
+pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(FolderLock { path, _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another training run (it holds {}); wait for that run to end or choose another --out",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            bail!("cannot lock {} ({e})", path.display())
+        }
+    }
+}
 
 /// How a training loop ended.
 pub struct Outcome {

@@ -776,3 +776,61 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     assert!(out.join("checkpoint.json").exists());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Two `train --out same` at once: the second is refused with a clear message while the first runs,
+/// and the first finishes its run; afterwards the folder can be trained again (`--resume`).
+#[test]
+fn a_second_run_on_a_busy_folder_is_refused() {
+    use std::io::{BufRead, BufReader};
+    let d = tmpdir("lock");
+    let out = d.join("run");
+    let args = |steps: &'static str| {
+        [
+            "train",
+            "--data",
+            "moons",
+            "--steps",
+            steps,
+            "--hidden",
+            "64",
+            "--depth",
+            "2",
+            "--batch-size",
+            "64",
+        ]
+    };
+    let mut first = bin()
+        .args(args("10000000"))
+        .args(["--out", &s(&out)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map_while(|l| l.ok())
+        .any(|l| l.starts_with("training on"));
+    assert!(started, "train never started");
+    let second = bin()
+        .args(args("20"))
+        .args(["--out", &s(&out)])
+        .output()
+        .unwrap();
+    assert_clean_failure(&second, "in use by another training run");
+    // SAFETY: sends SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGINT) }, 0);
+    let _: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    assert_eq!(first.wait().unwrap().code(), Some(130));
+    assert!(
+        !out.join(".lock").exists(),
+        "the lock file outlived its run"
+    );
+    let o = bin()
+        .args(args("20000000"))
+        .args(["--out", &s(&out), "--resume", "--max-minutes", "0.001"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&d);
+}

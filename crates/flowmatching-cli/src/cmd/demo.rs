@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::cli::DemoArgs;
 use crate::resolve::initial_points;
-use crate::training::run_loop;
+use crate::training::{lock_folder, run_loop};
 use crate::{io, plot};
 
 /// Solver settings of the demo's sampling.
@@ -60,6 +60,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         anyhow::bail!("--num-samples must be at least 2");
     }
     io::ensure_dir(&a.out)?;
+    let _lock = lock_folder(&a.out)?;
     let data = Toy2d::Checkerboard;
     let mut trainer = Trainer::new(
         demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr),

@@ -12,7 +12,7 @@ use flowmatching::train::Trainer;
 
 use crate::cli::ReflowArgs;
 use crate::io;
-use crate::training::{report_done, run_loop};
+use crate::training::{lock_folder, report_done, run_loop};
 
 pub fn run(a: &ReflowArgs) -> Result<()> {
     if a.pairs == 0 || a.solver_steps == 0 {
@@ -55,6 +55,7 @@ pub fn run(a: &ReflowArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     io::ensure_dir(&a.out)?;
+    let _lock = lock_folder(&a.out)?;
     let mut trainer = Trainer::new(config, &Device::Cpu)?;
     let o = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
     report_done(&trainer, &o, &a.out);

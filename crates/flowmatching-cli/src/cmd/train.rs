@@ -12,7 +12,7 @@ use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ActivationArg, LrDecayArg, ModelArg, PathArg, TimeArg, TrainArgs, UNetPreset};
 use crate::io;
-use crate::training::{report_done, run_loop};
+use crate::training::{lock_folder, report_done, run_loop};
 
 /// The network the command line asks for, for data of this shape.
 fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> {
@@ -137,6 +137,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         .map(io::open_data)
         .transpose()?;
     io::ensure_dir(&a.out)?;
+    let _lock = lock_folder(&a.out)?;
     eprintln!("training on {} for {} steps", data.describe(), a.steps);
     let o = run_loop(
         &mut trainer,
