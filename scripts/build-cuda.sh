@@ -44,14 +44,16 @@ if [ "${1:-}" = "--cudnn" ]; then
   FEATURES=cudnn
 fi
 # Both variants share target-cuda/ (candle-kernels, the slow part, does not depend on the feature).
-cargo build --release -p flowmatching-cli --features "$FEATURES" --target-dir target-cuda
+cargo build --release -p flowmatching-cli -p flowmatching-bench --features "$FEATURES" --target-dir target-cuda
 BIN=target-cuda/release/flowmatching
+# Each command binary X has its benchmark binary beside it as X-bench.
 if [ "$FEATURES" = cudnn ]; then
   cp "$BIN" "$BIN-cudnn"
+  cp "$BIN-bench" "$BIN-cudnn-bench"
   # Put the plain build back under its own name (cargo keeps both variants' artifacts: no recompiling).
-  cargo build --release -p flowmatching-cli --features cuda --target-dir target-cuda
-  strip "$BIN"
+  cargo build --release -p flowmatching-cli -p flowmatching-bench --features cuda --target-dir target-cuda
+  strip "$BIN" "$BIN-bench"
   BIN="$BIN-cudnn"
 fi
-strip "$BIN"
-ls -la "$BIN"
+strip "$BIN" "$BIN-bench"
+ls -la "$BIN" "$BIN-bench"

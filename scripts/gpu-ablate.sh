@@ -27,29 +27,32 @@ CUDNN_LIB=$(python3 -c "import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0
 say "cuDNN library: ${CUDNN_LIB:-none}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 gzip -dc .carry/flowmatching.gz > /tmp/fm && chmod +x /tmp/fm
+# Each command binary X has its benchmark binary as X-bench (.carry/flowmatching-bench.gz, ...).
+gzip -dc .carry/flowmatching-bench.gz > /tmp/fm-bench && chmod +x /tmp/fm-bench
 BINS=(/tmp/fm)
 if [ -f .carry/flowmatching-cudnn.gz ] && [ -n "$CUDNN_LIB" ]; then
   gzip -dc .carry/flowmatching-cudnn.gz > /tmp/fm-cudnn && chmod +x /tmp/fm-cudnn && BINS+=(/tmp/fm-cudnn)
+  gzip -dc .carry/flowmatching-cudnn-bench.gz > /tmp/fm-cudnn-bench && chmod +x /tmp/fm-cudnn-bench
 fi
 B=$OUT/bench.jsonl
 best=/tmp/fm
 best_ms=1e9
 for bin in "${BINS[@]}"; do
   say "B5 step with $bin"
-  line=$(LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin" bench b5-step --device cuda --batch 128 \
+  line=$(LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin-bench" b5-step --device cuda --batch 128 \
     --unet tiny --iters 10 --warmup 3 | tail -n 1)
   echo "$line" | tee -a "$B"
   ms=$(echo "$line" | python3 -c "import json,sys; print(json.load(sys.stdin)['median_ms'])" 2>/dev/null)
   if [ -n "$ms" ] && python3 -c "import sys; sys.exit(not ($ms < $best_ms))"; then best=$bin; best_ms=$ms; fi
-  LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin" bench b5-step --device cuda --batch 128 \
+  LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin-bench" b5-step --device cuda --batch 128 \
     --iters 10 --warmup 3 | tee -a "$B"
-  LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin" bench b5-sample --device cuda --batch 128 \
+  LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH timeout 60 "$bin-bench" b5-sample --device cuda --batch 128 \
     --iters 3 --warmup 1 | tee -a "$B"
 done
 # B1 on the GPU, ours and the peer's (as bench/gpu.sh); the peer needs the flow_matching wheel in .whl/.
 if ls .whl/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; then
   for round in 1 2; do
-    timeout 60 /tmp/fm bench b1 --device cuda --iters 50 --warmup 10 | tee -a "$B"
+    timeout 60 /tmp/fm-bench b1 --device cuda --iters 50 --warmup 10 | tee -a "$B"
     PYTHONPATH=/tmp/site timeout 60 python3 bench/peers.py b1 --device cuda --iters 50 --warmup 10 | tee -a "$B"
   done
 fi

@@ -29,11 +29,15 @@ CUDNN_LIB=$(python3 -c "import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0
 if [ -z "${BIN:-}" ] && [ -f .carry/flowmatching-cudnn.gz ] && [ -n "$CUDNN_LIB" ]; then
   export LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH
   gzip -dc .carry/flowmatching-cudnn.gz > /tmp/flowmatching && chmod +x /tmp/flowmatching && BIN=/tmp/flowmatching
+  gzip -dc .carry/flowmatching-cudnn-bench.gz > /tmp/flowmatching-bench && chmod +x /tmp/flowmatching-bench
 fi
 if [ -z "${BIN:-}" ] && [ -f .carry/flowmatching.gz ]; then
   gzip -dc .carry/flowmatching.gz > /tmp/flowmatching && chmod +x /tmp/flowmatching && BIN=/tmp/flowmatching
+  gzip -dc .carry/flowmatching-bench.gz > /tmp/flowmatching-bench && chmod +x /tmp/flowmatching-bench
 fi
 BIN=${BIN:-target-cuda/release/flowmatching}
+# The benchmark workloads: the binary beside the command, as X-bench.
+BENCH_BIN=${BENCH_BIN:-$BIN-bench}
 DATA=${DATA:-.carry/fashion-mnist}
 CLF=${CLF:-.carry/classifier.safetensors}
 OUT=${OUT:-/tmp/fm-out}
@@ -110,16 +114,16 @@ if [ "${BENCH:-1}" = 1 ] && [ "$DEVICE" = cuda ] && [ "$(left)" -gt 90 ]; then
   say "B5 benchmark: ours and PyTorch eager, batch 128"
   B=$OUT/bench.jsonl
   for round in 1 2; do
-    timeout 25 "$BIN" bench b5-step --device cuda --batch 128 --iters 10 --warmup 3 | tee -a "$B"
+    timeout 25 "$BENCH_BIN" b5-step --device cuda --batch 128 --iters 10 --warmup 3 | tee -a "$B"
     timeout 25 python3 bench/peer_unet.py b5-step --batch 128 --iters 10 --warmup 3 | tee -a "$B"
   done
-  timeout 20 "$BIN" bench b5-step --device cuda --batch 128 --unet tiny --iters 10 --warmup 3 | tee -a "$B"
+  timeout 20 "$BENCH_BIN" b5-step --device cuda --batch 128 --unet tiny --iters 10 --warmup 3 | tee -a "$B"
   timeout 20 python3 bench/peer_unet.py b5-step --batch 128 --unet tiny --iters 10 --warmup 3 | tee -a "$B"
-  FLOWMATCHING_CUDA_EVENTS=1 timeout 20 "$BIN" bench b5-step --device cuda --batch 128 --iters 5 --warmup 2 \
+  FLOWMATCHING_CUDA_EVENTS=1 timeout 20 "$BENCH_BIN" b5-step --device cuda --batch 128 --iters 5 --warmup 2 \
     | tee -a "$B"
-  FLOWMATCHING_CONV=candle timeout 20 "$BIN" bench b5-step --device cuda --batch 128 --iters 5 --warmup 2 \
+  FLOWMATCHING_CONV=candle timeout 20 "$BENCH_BIN" b5-step --device cuda --batch 128 --iters 5 --warmup 2 \
     | tee -a "$B"
-  timeout 20 "$BIN" bench b5-sample --device cuda --batch 128 --iters 3 --warmup 1 | tee -a "$B"
+  timeout 20 "$BENCH_BIN" b5-sample --device cuda --batch 128 --iters 3 --warmup 1 | tee -a "$B"
   timeout 20 python3 bench/peer_unet.py b5-sample --batch 128 --iters 3 --warmup 1 | tee -a "$B"
 fi
 

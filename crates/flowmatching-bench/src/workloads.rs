@@ -73,7 +73,6 @@ pub fn train_config(
     }
 }
 
-/// B5: the small U-Net on Fashion-MNIST-shaped data, as `train --data fashion-mnist` builds it.
 /// The preset's U-Net at the Fashion-MNIST shape with 10 classes.
 fn unet_preset(preset: UNetPreset) -> UNetConfig {
     match preset {
@@ -138,6 +137,9 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
             ("candle", true),
             ("gemm-backward", true),
         ] {
+            if imp == "cpu" && !dev.is_cpu() {
+                continue; // the CPU kernel runs on the CPU only
+            }
             let (times, _) = time(a.warmup, a.iters, || {
                 let y = match imp {
                     "cpu" => conv2d(ConvImpl::Cpu, x.as_tensor(), w.as_tensor(), &bias, 1)?,

@@ -125,8 +125,9 @@ pub struct Batched {
     pub x: Vec<f32>,
     /// The statistics of the costliest batch (NFE counts network calls per batch, 2 per guided call).
     pub stats: Stats,
-    /// [`Status::Completed`] when every batch finished; otherwise the first batch's stop (the solve
-    /// options must then have [`SolveOptions::throw`] unset, or the stop is an error).
+    /// [`Status::Completed`] when every batch finished; otherwise the stop of the batch that stopped,
+    /// after which no further batch is drawn and `x` holds only the batches drawn (the solve options
+    /// must have [`SolveOptions::throw`] unset for this; with it set, the stop is an error).
     pub status: Status,
 }
 
@@ -177,10 +178,11 @@ pub fn draw_batched(
         if sol.stats.nfe >= worst.nfe {
             worst = sol.stats;
         }
-        if status.is_completed() && !sol.status.is_completed() {
-            status = sol.status;
-        }
         on_batch(rows);
+        if !sol.status.is_completed() {
+            status = sol.status;
+            break;
+        }
     }
     Ok(Batched {
         x: out,

@@ -61,6 +61,9 @@ pub fn run(a: &CouplingsArgs) -> Result<()> {
         })?;
         return write_report(&a.out, &results);
     }
+    if a.steps == 0 || a.pairs == 0 {
+        anyhow::bail!("--steps and --pairs must be at least 1");
+    }
     let data = io::open_data(&a.data)?;
     let source = a.source.as_deref().map(io::open_data).transpose()?;
     let config = CouplingsConfig {

@@ -63,10 +63,17 @@ impl Weights {
         stride: usize,
         extra: &Tensor,
     ) -> Result<Tensor> {
-        let w = self.get(&format!("{name}.weight"))?;
-        let b = self.get(&format!("{name}.bias"))?;
-        let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
-        conv2d(conv_impl(x.device()), x, w, &bias, stride)
+        let imp = conv_impl(x.device());
+        if imp == ConvImpl::Cpu && cpu::supports(x) {
+            let w = self.get(&format!("{name}.weight"))?;
+            let b = self.get(&format!("{name}.bias"))?;
+            let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
+            return cpu::conv::conv2d(x, w, &bias, stride);
+        }
+        let (n, c) = extra.dims2()?;
+        Ok(self
+            .conv(name, x, stride)?
+            .broadcast_add(&extra.reshape((n, c, 1, 1))?)?)
     }
 
     /// GroupNorm (eps 1e-5): each group of channels normalised over (its channels, H, W), then a

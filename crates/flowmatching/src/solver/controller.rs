@@ -162,8 +162,9 @@ pub enum StepControl {
     Adaptive(Adaptive),
 }
 
-/// Why the controller stops a solve: the row (position among the active rows) and the reason.
-pub(crate) type Stop = (usize, &'static str);
+/// Why the controller stops a solve: the row (position among the active rows), the reason, and the
+/// row's step size at that point.
+pub(crate) type Stop = (usize, &'static str, f64);
 
 /// Which rows of an attempt are accepted, and their scaled errors; or the stop.
 pub(crate) type Verdict = std::result::Result<(Vec<bool>, Vec<f64>), Stop>;
@@ -273,10 +274,10 @@ impl Controller {
                         *h = remaining;
                     }
                     if h.abs() < control.min_step {
-                        return Err((k, "the step size fell below the minimum step"));
+                        return Err((k, "the step size fell below the minimum step", *h));
                     }
                     if attempts[k] >= control.max_steps {
-                        return Err((k, "the maximum number of steps was reached"));
+                        return Err((k, "the maximum number of steps was reached", *h));
                     }
                 }
                 Ok(out)
@@ -298,14 +299,15 @@ impl Controller {
     }
 
     /// Judges an attempted step from `x` to `step.x`: which rows are accepted, and their scaled
-    /// errors. Constant steps are always accepted, unless the state stopped being finite.
-    pub(crate) fn assess(&self, step: &Step, x: &Tensor) -> Result<Verdict> {
+    /// errors. Constant steps (of sizes `h`) are always accepted, unless the state stopped being finite.
+    pub(crate) fn assess(&self, step: &Step, x: &Tensor, h: &[f64]) -> Result<Verdict> {
         let m = x.dim(0)?;
         match self {
             Controller::Constant { .. } => {
                 let largest: f64 = step.x.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar()?;
                 if !largest.is_finite() {
-                    return Ok(Err((0, "the state is no longer finite (NaN or Inf)")));
+                    let h0 = h.first().copied().unwrap_or(0.0);
+                    return Ok(Err((0, "the state is no longer finite (NaN or Inf)", h0)));
                 }
                 Ok(Ok((vec![true; m], vec![0.0; m])))
             }
@@ -355,14 +357,6 @@ impl Controller {
         if let Controller::Adaptive { h, err_prev, .. } = self {
             *h = keep.iter().map(|&k| h[k]).collect();
             *err_prev = keep.iter().map(|&k| err_prev[k]).collect();
-        }
-    }
-
-    /// The next step size of row `k` (0 for constant control), for reports.
-    pub(crate) fn step_of(&self, k: usize) -> f64 {
-        match self {
-            Controller::Adaptive { h, .. } => h.get(k).copied().unwrap_or(0.0),
-            Controller::Constant { .. } => 0.0,
         }
     }
 }

@@ -104,9 +104,9 @@ pub fn integrate(
     steps: usize,
     keep_trajectory: bool,
 ) -> Result<Solution> {
-    let opts = SolveOptions {
-        keep_trajectory,
-        ..SolveOptions::constant(steps)
+    let opts = match keep_trajectory {
+        true => SolveOptions::constant(steps).trajectory(),
+        false => SolveOptions::constant(steps),
     };
     solve(field, solver, x0, t0, t1, &opts)
 }
@@ -289,7 +289,7 @@ impl Driver<'_> {
             }
             let h = match control.propose(&act.t, &act.attempts, self.t1) {
                 Ok(h) => h,
-                Err(stop) => return self.stopped(stop, &control, act, out, rhs.nfe, x0),
+                Err(stop) => return self.stopped(stop, act, out, rhs.nfe, x0),
             };
             let before = rhs.nfe;
             let f0_old = act.f0.take();
@@ -301,9 +301,9 @@ impl Driver<'_> {
                 out.nfe_rows[id as usize] += used;
             }
             act.attempts.iter_mut().for_each(|s| *s += 1);
-            let (accept, err) = match control.assess(&step, &act.x)? {
+            let (accept, err) = match control.assess(&step, &act.x, &h)? {
                 Ok(verdict) => verdict,
-                Err(stop) => return self.stopped(stop, &control, act, out, rhs.nfe, x0),
+                Err(stop) => return self.stopped(stop, act, out, rhs.nfe, x0),
             };
             let t_new = self.times_reached(&act.t, &h, &accept);
             if let Some(dense) = step.dense.as_ref() {
@@ -466,8 +466,7 @@ impl Driver<'_> {
     /// The solution of a solve that cannot continue: every sample's last state, and where it stopped.
     fn stopped(
         &self,
-        (k, reason): Stop,
-        control: &Controller,
+        (k, reason, h): Stop,
         act: Active,
         mut out: Outputs,
         nfe: usize,
@@ -494,7 +493,7 @@ impl Driver<'_> {
             status: Status::Stopped(SolveStop {
                 reason: reason.to_string(),
                 t: act.t.get(k).copied().unwrap_or(self.t0),
-                h: control.step_of(k),
+                h,
                 steps: act.attempts.get(k).copied().unwrap_or(0),
                 t_reached,
             }),
