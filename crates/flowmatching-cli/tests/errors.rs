@@ -729,46 +729,63 @@ fn sigkill_during_saves_keeps_a_loadable_checkpoint() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// Ctrl-C during `train`: a checkpoint is saved and the exit status is 130 (not 0), so scripts can tell
-/// an interrupted run from a finished one; `--resume` continues it.
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_exits_130() {
+/// The arguments of a small `train` run of `steps` steps.
+fn small_train(steps: &'static str) -> [&'static str; 11] {
+    [
+        "train",
+        "--data",
+        "moons",
+        "--steps",
+        steps,
+        "--hidden",
+        "64",
+        "--depth",
+        "2",
+        "--batch-size",
+        "64",
+    ]
+}
+
+/// A long `train` into `out`, returned once its loop has started, with the rest of its stderr.
+fn start_long_training(out: &Path) -> (std::process::Child, impl Iterator<Item = String>) {
     use std::io::{BufRead, BufReader};
-    let d = tmpdir("sigint");
-    let out = d.join("run");
     let mut child = bin()
-        .args([
-            "train",
-            "--data",
-            "moons",
-            "--steps",
-            "10000000",
-            "--hidden",
-            "64",
-            "--depth",
-            "2",
-            "--batch-size",
-            "64",
-            "--out",
-            &s(&out),
-        ])
+        .args(small_train("10000000"))
+        .args(["--out", &s(out)])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(|l| l.ok());
     // The loop installs its Ctrl-C handler right after announcing the run.
-    let started = lines
-        .by_ref()
-        .map_while(|l| l.ok())
-        .any(|l| l.starts_with("training on"));
+    let started = lines.by_ref().any(|l| l.starts_with("training on"));
     assert!(started, "train never started");
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    (child, lines)
+}
+
+/// Sends SIGINT to `child` and returns its exit code and the rest of its stderr.
+fn interrupt(
+    mut child: std::process::Child,
+    lines: impl Iterator<Item = String>,
+) -> (Option<i32>, Vec<String>) {
     // SAFETY: sends SIGINT to our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{rest:?}");
+    let rest: Vec<String> = lines.collect();
+    (child.wait().unwrap().code(), rest)
+}
+
+/// Ctrl-C during `train`: a checkpoint is saved and the exit status is 130 (not 0), so scripts can tell
+/// an interrupted run from a finished one; `--resume` continues it.
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130() {
+    let d = tmpdir("sigint");
+    let out = d.join("run");
+    let (child, lines) = start_long_training(&out);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let (code, rest) = interrupt(child, lines);
+    assert_eq!(code, Some(130), "{rest:?}");
     assert!(
         rest.iter().any(|l| l.contains("interrupted at step")),
         "{rest:?}"
@@ -781,53 +798,22 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
 /// and the first finishes its run; afterwards the folder can be trained again (`--resume`).
 #[test]
 fn a_second_run_on_a_busy_folder_is_refused() {
-    use std::io::{BufRead, BufReader};
     let d = tmpdir("lock");
     let out = d.join("run");
-    let args = |steps: &'static str| {
-        [
-            "train",
-            "--data",
-            "moons",
-            "--steps",
-            steps,
-            "--hidden",
-            "64",
-            "--depth",
-            "2",
-            "--batch-size",
-            "64",
-        ]
-    };
-    let mut first = bin()
-        .args(args("10000000"))
-        .args(["--out", &s(&out)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
-    let started = lines
-        .by_ref()
-        .map_while(|l| l.ok())
-        .any(|l| l.starts_with("training on"));
-    assert!(started, "train never started");
+    let (first, lines) = start_long_training(&out);
     let second = bin()
-        .args(args("20"))
+        .args(small_train("20"))
         .args(["--out", &s(&out)])
         .output()
         .unwrap();
     assert_clean_failure(&second, "in use by another training run");
-    // SAFETY: sends SIGINT to our own child process.
-    assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGINT) }, 0);
-    let _: Vec<String> = lines.map_while(|l| l.ok()).collect();
-    assert_eq!(first.wait().unwrap().code(), Some(130));
+    assert_eq!(interrupt(first, lines).0, Some(130));
     assert!(
         !out.join(".lock").exists(),
         "the lock file outlived its run"
     );
     let o = bin()
-        .args(args("20000000"))
+        .args(small_train("20000000"))
         .args(["--out", &s(&out), "--resume", "--max-minutes", "0.001"])
         .output()
         .unwrap();
