@@ -139,7 +139,7 @@ pub struct ClassifierTrainArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(value_parser = finite, long, default_value_t = 1e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -170,7 +170,7 @@ pub struct ImageEvalArgs {
     #[arg(long, default_value_t = 10_000)]
     pub num_samples: usize,
     /// Guidance weights to evaluate (comma separated; conditional models only).
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
+    #[arg(value_parser = guidance_weight, long, value_delimiter = ',', default_value = "0,1,2,4")]
     pub guidance: Vec<f64>,
     #[arg(long, value_enum, default_value = "midpoint")]
     pub solver: SolverArg,
@@ -261,7 +261,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
     /// Peak AdamW learning rate (cosine decay to 0 after 100 warm-up steps).
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(value_parser = finite, long, default_value_t = 3e-3)]
     pub lr: f64,
 }
 
@@ -309,10 +309,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(value_parser = finite, long, default_value_t = 1e-3)]
     pub lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = finite, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 100)]
@@ -321,10 +321,10 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_decay: LrDecayArg,
     /// Clip the global gradient norm to this value (0 disables clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = finite, long, default_value_t = 1.0)]
     pub grad_clip: f64,
     /// Decay of the exponential moving average of the weights used for sampling.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(value_parser = finite, long, default_value_t = 0.999)]
     pub ema_decay: f64,
     /// Width of the MLP's hidden layers.
     #[arg(long, default_value_t = 256)]
@@ -340,7 +340,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "ot")]
     pub path: PathArg,
     /// Width of the OT path's endpoint Gaussian around each data point, in [0, 1).
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(value_parser = finite, long, default_value_t = 1e-5)]
     pub sigma_min: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -360,24 +360,53 @@ pub struct TrainArgs {
     #[arg(long)]
     pub unconditional: bool,
     /// Probability of replacing a label by the null class (enables classifier-free guidance).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(value_parser = finite, long, default_value_t = 0.1)]
     pub label_dropout: f64,
     #[command(flatten)]
     pub images: ImageDataArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Stop (with a checkpoint) after this many minutes of training; resume later with --resume.
-    #[arg(long)]
+    #[arg(value_parser = finite, long)]
     pub max_minutes: Option<f64>,
     /// How x0 and x1 are paired in each minibatch: independent, exact OT, or Sinkhorn (entropic OT).
     #[arg(long, value_enum, default_value = "independent")]
     pub coupling: CouplingArg,
     /// Sinkhorn regularisation, relative to the largest squared distance in the minibatch.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(value_parser = finite, long, default_value_t = 0.05)]
     pub sinkhorn_reg: f64,
     /// Draw x0 from this data set (built-in or file) instead of N(0, I); sampling then starts there too.
     #[arg(long)]
     pub source: Option<String>,
+    /// The options given on the command line (not defaulted), by id: filled in by `main`.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+/// A finite number (no NaN, no infinity); ranges are checked where the value is used.
+fn finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err("must be a finite number".into())
+    }
+}
+
+/// The largest guidance weight accepted: beyond it the guided field v_uncond + w (v_cond - v_uncond)
+/// is the difference of two estimates scaled past any use (the literature stays below 10).
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+/// A guidance weight: finite, |w| <= MAX_GUIDANCE.
+fn guidance_weight(s: &str) -> Result<f64, String> {
+    let v = finite(s)?;
+    if v.abs() <= MAX_GUIDANCE {
+        Ok(v)
+    } else {
+        Err(format!(
+            "must be between -{MAX_GUIDANCE} and {MAX_GUIDANCE}"
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -515,7 +544,7 @@ pub struct SampleArgs {
     pub grid: Option<PathBuf>,
     /// Conditional models: classifier-free guidance weight w; v = v_uncond + w (v_cond - v_uncond),
     /// so 0 is unconditional and 1 plain conditional (default 1).
-    #[arg(long)]
+    #[arg(value_parser = guidance_weight, long)]
     pub guidance: Option<f64>,
     /// Conditional models: draw every sample from this class (default: equal blocks of every class).
     #[arg(long)]
@@ -536,10 +565,10 @@ impl SampleArgs {
 #[derive(Debug, Args)]
 pub struct ToleranceArgs {
     /// Relative tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(value_parser = finite, long, default_value_t = 1e-5)]
     pub rtol: f64,
     /// Absolute tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(value_parser = finite, long, default_value_t = 1e-5)]
     pub atol: f64,
     /// Control each sample's error separately (its own step sizes), instead of the RMS over the batch.
     #[arg(long)]
@@ -571,7 +600,7 @@ pub struct LikelihoodArgs {
     /// Report bits/dim for 8-bit data mapped to model space by this factor per dimension
     /// (1/256 for [0, 1] images, 2/256 for [-1, 1]). Image data (fashion-mnist:test, a folder, ...) are
     /// dequantized with uniform noise and use 2/256 automatically.
-    #[arg(long)]
+    #[arg(value_parser = finite, long)]
     pub bits_scale: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

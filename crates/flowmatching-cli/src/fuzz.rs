@@ -173,10 +173,14 @@ mod tests {
 
     #[test]
     fn fuzz_csv() {
+        // The dialects: a header line, comments, separators, a UTF-8 byte-order mark, quoted numbers
+        // (double and single), CRLF line ends.
         let seeds = vec![
             b"x,y\n1,2\n3,4.5\n-1e3, 7\n".to_vec(),
             b"# comment\n1;2;3\n4;5;6\n".to_vec(),
             b"1\t2\n3\t4\nnan\tinf\n".to_vec(),
+            b"\xef\xbb\xbfx,y\r\n1,2\r\n3,4\r\n".to_vec(),
+            b"\"x\",\"y\"\n\"1.5\",\"-2\"\n'3';'4e-3'\n".to_vec(),
         ];
         fuzz("csv", &seeds, &[], |b| {
             let text = String::from_utf8_lossy(b);
@@ -216,6 +220,98 @@ mod tests {
         fuzz("config-json", &[mlp, config_seed()], &[deep], |b| {
             if let Ok(c) = serde_json::from_slice::<flowmatching::train::RunConfig>(b) {
                 let _ = c.validate();
+            }
+        });
+    }
+
+    /// Values a hand edit of checkpoint.json might leave in a field.
+    fn edit_values() -> Vec<serde_json::Value> {
+        use serde_json::json;
+        vec![
+            json!(0),
+            json!(1),
+            json!(-1),
+            json!(3),
+            json!(40_000),
+            json!(1_000_000_000u64),
+            json!(u64::MAX),
+            json!(1e300),
+            json!(-1e-300),
+            json!(0.5),
+            json!("x"),
+            json!(null),
+            json!(true),
+            json!([]),
+            json!([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+            json!({}),
+        ]
+    }
+
+    /// JSON pointers of every leaf of `v`.
+    fn leaves(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    leaves(x, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    leaves(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+
+    /// Hand edits of a real checkpoint's checkpoint.json (its config's numbers, names and lists set to
+    /// odd values), then loading it with its unchanged tensor file and building the model and the
+    /// trainer: every edit is refused or loads, and none makes the loader allocate more than the
+    /// tensor file holds. Each input's bytes choose the edits: (leaf, value) byte pairs.
+    #[test]
+    fn fuzz_checkpoint_edits() {
+        use flowmatching::checkpoint::{Checkpoint, META_FILE};
+        let cpu = candle_core::Device::Cpu;
+        let mut parts = vec![];
+        for cfg in [
+            serde_json::from_slice::<flowmatching::train::RunConfig>(&config_seed()).unwrap(),
+            flowmatching::train::RunConfig::new(
+                flowmatching::nn::ModelConfig::Mlp(flowmatching::nn::MlpConfig::silu(2, 16, 2)),
+                Default::default(),
+                Default::default(),
+                "moons",
+            ),
+        ] {
+            let dir = std::env::temp_dir().join(format!("fm-fuzz-edit-{}", std::process::id()));
+            let tr = flowmatching::train::Trainer::new(cfg, &cpu).unwrap();
+            flowmatching::checkpoint::save(&tr, &dir, None).unwrap();
+            let meta = std::fs::read(dir.join(META_FILE)).unwrap();
+            let value: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+            let weights = std::fs::read(dir.join(value["weights_file"].as_str().unwrap())).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut at = vec![];
+            leaves(&value["config"], "/config".into(), &mut at);
+            parts.push((value, weights, at));
+        }
+        let values = edit_values();
+        let seeds: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i, i * 31, i * 7 + 1]).collect();
+        fuzz("checkpoint-edits", &seeds, &[], |b| {
+            let Some((&which, edits)) = b.split_first() else {
+                return;
+            };
+            let (value, weights, at) = &parts[which as usize % parts.len()];
+            let mut v = value.clone();
+            for e in edits.chunks_exact(2) {
+                let leaf = &at[e[0] as usize % at.len()];
+                if let Some(x) = v.pointer_mut(leaf) {
+                    *x = values[e[1] as usize % values.len()].clone();
+                }
+            }
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let dir = std::path::Path::new("fuzz-checkpoint");
+            if let Ok(ck) = Checkpoint::from_bytes(&bytes, weights, dir, &cpu) {
+                let _ = ck.model(&cpu, true);
+                let _ = ck.into_trainer(&cpu);
             }
         });
     }

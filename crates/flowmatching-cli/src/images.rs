@@ -183,6 +183,14 @@ pub fn image_folder(dir: &Path, size: Option<usize>) -> Result<(TensorDataset, V
     if files.is_empty() {
         bail!("{}: no .png or .jpg images found", dir.display());
     }
+    if let Some(s) = size {
+        let need = 2 * 4 * 3 * (files.len() as u128) * (s as u128) * (s as u128);
+        crate::memory::check(
+            need,
+            &format!("{} images of {s} x {s}", files.len()),
+            "lower --image-size",
+        )?;
+    }
     let decoded: Vec<(image::DynamicImage, Option<u32>)> = files
         .iter()
         .map(|(p, l)| {
@@ -223,9 +231,9 @@ pub fn image_folder(dir: &Path, size: Option<usize>) -> Result<(TensorDataset, V
     Ok((ds, classes))
 }
 
-/// Writes a grid of images (rows x cols, row-major, values in [-1, 1], C x H x W each) as a PNG with a
-/// 2-pixel gap, atomically.
-pub fn write_grid(path: &Path, images: &[f32], shape: [usize; 3], cols: usize) -> Result<()> {
+/// A grid of images (rows x cols, row-major, values in [-1, 1], C x H x W each) as a PNG with a
+/// 2-pixel gap.
+pub fn grid_png(images: &[f32], shape: [usize; 3], cols: usize) -> Result<Vec<u8>> {
     let [c, h, w] = shape;
     let per = c * h * w;
     if per == 0 || images.is_empty() || !images.len().is_multiple_of(per) || cols == 0 {
@@ -257,10 +265,7 @@ pub fn write_grid(path: &Path, images: &[f32], shape: [usize; 3], cols: usize) -
             }
         }
     }
-    let mut buf = std::io::Cursor::new(vec![]);
-    img.write_to(&mut buf, image::ImageFormat::Png)?;
-    flowmatching::checkpoint::write_atomic(path, buf.get_ref())?;
-    Ok(())
+    crate::plot::png(&img)
 }
 
 #[cfg(test)]
@@ -393,9 +398,8 @@ mod tests {
         assert_eq!(classes, ["cat", "dog"]);
         assert_eq!(ds.labels().unwrap(), &[0, 1]);
         assert_eq!(ds.rows(), &[-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]);
-        let g = d.join("grid.png");
-        write_grid(&g, ds.rows(), [1, 2, 2], 2).unwrap();
-        let im = image::open(&g).unwrap().to_luma8();
+        let png = grid_png(ds.rows(), [1, 2, 2], 2).unwrap();
+        let im = image::load_from_memory(&png).unwrap().to_luma8();
         assert_eq!((im.width(), im.height()), (2 * 4 + 2, 6));
         assert_eq!(im.get_pixel(2, 2).0[0], 0);
         assert_eq!(im.get_pixel(6, 2).0[0], 255);

@@ -103,15 +103,8 @@ pub fn parse_npy(bytes: &[u8], name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((c, shape))
 }
 
-/// Writes an f32 (or f64) array of the given shape as .npy, atomically (creating the parent folder).
-pub fn write_npy<T: npyz::AutoSerialize + Copy>(
-    path: &Path,
-    data: &[T],
-    shape: &[usize],
-) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        ensure_dir(parent)?;
-    }
+/// An f32 (or f64) array of the given shape as the bytes of a .npy file.
+pub fn npy_bytes<T: npyz::AutoSerialize + Copy>(data: &[T], shape: &[usize]) -> Result<Vec<u8>> {
     use npyz::WriterBuilder;
     let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
     let mut buf = vec![];
@@ -124,23 +117,32 @@ pub fn write_npy<T: npyz::AutoSerialize + Copy>(
         w.extend(data.iter().copied())?;
         w.finish()?;
     }
-    write_atomic(path, &buf)?;
-    Ok(())
+    Ok(buf)
 }
 
-/// Reads a CSV of numbers (comma, semicolon, tab or space separated); a first line that is not numeric is
-/// taken as a header.
+/// Reads a CSV of numbers (comma, semicolon, tab or space separated, numbers optionally quoted, a UTF-8
+/// byte-order mark ignored); the first line may be one header line of names. Says on stderr how many
+/// rows and columns it read.
 pub fn read_csv(path: &Path) -> Result<(Vec<f32>, usize)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_csv(&text, &path.display().to_string())
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))?;
+    let (data, dim) = parse_csv(&text, &path.display().to_string())?;
+    eprintln!(
+        "{}: {} rows of {dim} columns",
+        path.display(),
+        data.len() / dim
+    );
+    Ok((data, dim))
 }
 
-/// [`read_csv`] on text in memory (`name` appears in errors).
+/// [`read_csv`] on text in memory (`name` appears in errors). Blank lines and lines starting with `#`
+/// are skipped.
 pub fn parse_csv(text: &str, name: &str) -> Result<(Vec<f32>, usize)> {
-    let path = std::path::Path::new(name);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut data = vec![];
     let mut dim = None;
+    let mut header_allowed = true;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -150,14 +152,16 @@ pub fn parse_csv(text: &str, name: &str) -> Result<(Vec<f32>, usize)> {
             .split([',', ';', '\t', ' '])
             .map(str::trim)
             .filter(|f| !f.is_empty())
+            .map(unquote)
             .collect();
         let parsed: Result<Vec<f32>, _> = fields.iter().map(|f| f.parse::<f32>()).collect();
+        let first = std::mem::replace(&mut header_allowed, false);
         let row = match parsed {
             Ok(r) => r,
-            Err(_) if dim.is_none() && data.is_empty() => continue, // header
+            Err(_) if first => continue, // the header
             Err(_) => bail!(
-                "{}: line {} is not a row of numbers: '{line}'",
-                path.display(),
+                "{name}: line {} is not a row of numbers: '{line}' (only the first line may be a \
+                 header)",
                 i + 1
             ),
         };
@@ -165,8 +169,7 @@ pub fn parse_csv(text: &str, name: &str) -> Result<(Vec<f32>, usize)> {
             None => dim = Some(row.len()),
             Some(d) if d != row.len() => {
                 bail!(
-                    "{}: line {} has {} columns, earlier lines have {d}",
-                    path.display(),
+                    "{name}: line {} has {} columns, earlier lines have {d}",
                     i + 1,
                     row.len()
                 )
@@ -176,9 +179,19 @@ pub fn parse_csv(text: &str, name: &str) -> Result<(Vec<f32>, usize)> {
         data.extend(row);
     }
     let Some(dim) = dim else {
-        bail!("{}: no data rows", path.display())
+        bail!("{name}: no data rows")
     };
     Ok((data, dim))
+}
+
+/// A field without one pair of surrounding double or single quotes.
+fn unquote(f: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = f.strip_prefix(q).and_then(|g| g.strip_suffix(q)) {
+            return inner.trim();
+        }
+    }
+    f
 }
 
 /// How to open image data.
@@ -212,12 +225,22 @@ pub fn open_data_with(spec: &str, o: &DataOptions) -> Result<Box<dyn DataSource>
     if is_image_spec(spec) {
         return image(open_image_set(spec, o)?);
     }
+    let ds = file_set(spec)?;
+    if o.hflip {
+        image(ds)
+    } else {
+        Ok(Box::new(ds))
+    }
+}
+
+/// A .npy or .csv file as a data set.
+fn file_set(spec: &str) -> Result<TensorDataset> {
     let path = Path::new(spec);
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    let ds = match ext.as_deref() {
+    Ok(match ext.as_deref() {
         Some("npy") => npy_set(path, spec)?,
         Some("csv") | Some("txt") | Some("tsv") => {
             let (data, dim) = read_csv(path)?;
@@ -231,12 +254,7 @@ pub fn open_data_with(spec: &str, o: &DataOptions) -> Result<Box<dyn DataSource>
                 names.join(", ")
             )
         }
-    };
-    if o.hflip {
-        image(ds)
-    } else {
-        Ok(Box::new(ds))
-    }
+    })
 }
 
 /// Whether `spec` names image data by itself (Fashion-MNIST or a folder).
@@ -284,36 +302,23 @@ fn npy_set(path: &Path, spec: &str) -> Result<TensorDataset> {
     })
 }
 
-/// The rows of a data file (`None` for a built-in set).
-pub fn file_rows(spec: &str) -> Result<Option<Vec<f32>>> {
-    if Toy2d::from_name(spec).is_some() {
-        return Ok(None);
-    }
-    let path = Path::new(spec);
-    Ok(Some(
-        match path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("npy") => read_npy(path)?.0,
-            _ => read_csv(path)?.0,
-        },
-    ))
-}
-
 /// Creates the output folder, failing clearly when it cannot be written.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))
 }
 
-/// Writes JSON atomically.
-pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+/// `value` as pretty-printed JSON with a final newline.
+pub fn json_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)?;
+    Ok(bytes)
+}
+
+/// Writes JSON atomically (for files that are not a command's declared [`crate::outputs::Outputs`]:
+/// the progressive results of a report folder).
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, &json_bytes(value)?)?;
     Ok(())
 }
 
@@ -338,14 +343,17 @@ pub fn dequantized_images(
 
 /// Up to `n` points from `spec`: the first rows of a file, or fresh draws from a built-in set.
 pub fn points(spec: &str, n: Option<usize>, seed: u64) -> Result<(Vec<f32>, usize)> {
-    let data = open_data(spec)?;
-    let dim = data.dim();
-    let rows = match (n, file_rows(spec)?) {
-        (_, Some(all)) => {
+    let (rows, dim) = match Toy2d::from_name(spec) {
+        Some(toy) => (
+            toy.sample(&mut Rng::new(seed).fork(200), n.unwrap_or(10_000)),
+            toy.dim(),
+        ),
+        None => {
+            let ds = file_set(spec)?;
+            let (all, dim) = (ds.rows(), ds.dim());
             let take = n.unwrap_or(all.len() / dim).min(all.len() / dim);
-            all[..take * dim].to_vec()
+            (all[..take * dim].to_vec(), dim)
         }
-        (n, None) => data.sample(&mut Rng::new(seed).fork(200), n.unwrap_or(10_000)),
     };
     if rows.is_empty() {
         bail!("no points to evaluate");
@@ -363,13 +371,35 @@ mod tests {
 
     #[test]
     fn npy_round_trip() {
-        let p = tmp("a.npy");
-        write_npy(&p, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let bytes = npy_bytes(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let (data, shape) = parse_npy(&bytes, "a.npy").unwrap();
         assert_eq!(
-            read_npy(&p).unwrap(),
-            (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3)
+            (data, shape),
+            (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![2, 3])
         );
-        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn csv_dialects() {
+        let rows = |t: &str| parse_csv(t, "t.csv");
+        let want = (vec![1.0, 2.0, 3.0, 4.0], 2);
+        assert_eq!(rows("\u{feff}1,2\n3,4\n").unwrap(), want, "BOM");
+        assert_eq!(
+            rows("\u{feff}x,y\n1,2\n3,4\n").unwrap(),
+            want,
+            "BOM and header"
+        );
+        assert_eq!(rows("\"1\",\"2\"\n'3';'4'\n").unwrap(), want, "quoted");
+        assert_eq!(rows("\"x\",\"y\"\n\"1\",\"2\"\n3\t4\r\n").unwrap(), want);
+        assert_eq!(rows("# comment\n\nx y\n1 2\n3 4\n").unwrap(), want);
+        let e = rows("title\nx,y\n1,2\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("header"), "{e}");
+        let e = rows("1,2\nx,y\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(rows("x,y\n")
+            .unwrap_err()
+            .to_string()
+            .contains("no data rows"));
     }
 
     #[test]

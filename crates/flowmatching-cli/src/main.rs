@@ -7,6 +7,8 @@ mod cmd;
 mod fuzz;
 mod images;
 mod io;
+mod memory;
+mod outputs;
 mod plot;
 mod progress;
 mod report;
@@ -14,7 +16,15 @@ mod resolve;
 mod sampling;
 mod training;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+
+/// The ids of the options the command line gave (not defaults).
+fn given_on_command_line(m: &clap::ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
 
 // glibc malloc returns every large activation buffer to the OS and faults it back in on the next step;
 // mimalloc keeps them. Measured on the demo: see the README performance notes.
@@ -44,13 +54,28 @@ fn conv_from_env() -> flowmatching::Result<()> {
     Ok(())
 }
 
+/// A write past the file-size limit (RLIMIT_FSIZE) then fails with EFBIG, which the command reports and
+/// cleans up after, instead of SIGXFSZ killing the process with a temporary file left behind.
+fn write_errors_instead_of_sigxfsz() {
+    // SAFETY: sets the disposition of one signal to "ignore"; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() {
     keep_freed_pages();
+    write_errors_instead_of_sigxfsz();
     if let Err(e) = conv_from_env() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    let args = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let mut args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (cli::Command::Train(a), Some(("train", m))) = (&mut args.command, matches.subcommand())
+    {
+        a.given = given_on_command_line(m);
+    }
     let result = match &args.command {
         cli::Command::Demo(a) => cmd::demo::run(a),
         cli::Command::Train(a) => cmd::train::run(a),

@@ -1,9 +1,6 @@
 //! PNG pictures: 2-D histograms of point sets, side by side.
 
-use std::path::Path;
-
 use anyhow::Result;
-use flowmatching::checkpoint::write_atomic;
 
 /// The square window [lo, hi]^2 that holds the central 99.8% of `points` in both coordinates, with margin.
 pub fn window(points: &[f32]) -> (f32, f32) {
@@ -40,15 +37,9 @@ fn colour(v: f32) -> [u8; 3] {
 /// Pixels per histogram bin.
 const CELL: u32 = 4;
 
-/// Writes one PNG with a 2-D histogram (`bins` x `bins`) per point set (first two coordinates), panels left
+/// One PNG with a 2-D histogram (`bins` x `bins`) per point set (first two coordinates), panels left
 /// to right, all on the same window. Brightness is sqrt(count / max count).
-pub fn histograms(
-    path: &Path,
-    sets: &[&[f32]],
-    dim: usize,
-    window: (f32, f32),
-    bins: u32,
-) -> Result<()> {
+pub fn histograms(sets: &[&[f32]], dim: usize, window: (f32, f32), bins: u32) -> Result<Vec<u8>> {
     let size = bins * CELL;
     let gap = 8;
     let width = sets.len() as u32 * size + (sets.len() as u32 - 1) * gap;
@@ -74,15 +65,12 @@ pub fn histograms(
             }
         }
     }
-    let mut bytes = std::io::Cursor::new(vec![]);
-    img.write_to(&mut bytes, image::ImageFormat::Png)?;
-    write_atomic(path, bytes.get_ref())?;
-    Ok(())
+    png(&img)
 }
 
 /// Draws the paths of up to `max_paths` samples (first two coordinates) through `frames` (each frame a
 /// flat N x dim state), coloured from noise (dark) to data (yellow), on a white 600 x 600 canvas.
-pub fn trajectories(path: &Path, frames: &[Vec<f32>], dim: usize, max_paths: usize) -> Result<()> {
+pub fn trajectories(frames: &[Vec<f32>], dim: usize, max_paths: usize) -> Result<Vec<u8>> {
     let size = 600u32;
     let mut img = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
     let all: Vec<f32> = frames.iter().flatten().copied().collect();
@@ -102,10 +90,7 @@ pub fn trajectories(path: &Path, frames: &[Vec<f32>], dim: usize, max_paths: usi
             );
         }
     }
-    let mut bytes = std::io::Cursor::new(vec![]);
-    img.write_to(&mut bytes, image::ImageFormat::Png)?;
-    write_atomic(path, bytes.get_ref())?;
-    Ok(())
+    png(&img)
 }
 
 /// Bresenham's line, clipped to the image.
@@ -175,16 +160,15 @@ const PALETTE: [(u8, u8, u8); 8] = [
     (127, 127, 127),
 ];
 
-/// A line plot with axes, labels and a legend, written as PNG (atomically). `log_x`/`log_y` use log10 axes.
+/// A line plot with axes, labels and a legend, as PNG. `log_x`/`log_y` use log10 axes.
 pub fn line_plot(
-    path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
     series: &[Series],
     log_x: bool,
     log_y: bool,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     use plotters::prelude::*;
     register_font();
     let (w, h) = (800u32, 500u32);
@@ -262,11 +246,15 @@ pub fn line_plot(
             root.present()?;
             Ok(())
         };
-        draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+        draw().map_err(|e| anyhow::anyhow!("drawing '{title}': {e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).expect("buffer of the right size");
+    png(&img)
+}
+
+/// `img` encoded as PNG.
+pub fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
     let mut bytes = std::io::Cursor::new(vec![]);
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
-    write_atomic(path, bytes.get_ref())?;
-    Ok(())
+    Ok(bytes.into_inner())
 }

@@ -48,6 +48,14 @@ pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
     }
 }
 
+/// The step of the checkpoint in `dir`, if it holds a readable one.
+fn saved_step(dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(dir.join(checkpoint::META_FILE)).ok()?;
+    checkpoint::CheckpointMeta::parse(&bytes)
+        .ok()
+        .map(|m| m.step)
+}
+
 /// How a training loop ended.
 pub struct Outcome {
     pub last_loss: f64,
@@ -91,7 +99,13 @@ pub fn run_loop(
             Ok(l) => l,
             Err(e) => {
                 bar.abandon();
-                bail!("{e}\nthe last good checkpoint is in {}", out.display());
+                match saved_step(out) {
+                    Some(step) => bail!(
+                        "{e}\nthe last good checkpoint (step {step}) is in {}",
+                        out.display()
+                    ),
+                    None => bail!("{e}\nno checkpoint was written"),
+                }
             }
         };
         let s = smoothed.map_or(loss, |s| 0.98 * s + 0.02 * loss);

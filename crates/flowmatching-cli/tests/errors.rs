@@ -66,6 +66,31 @@ fn weights_of(dir: &Path) -> PathBuf {
     dir.join(v["weights_file"].as_str().unwrap())
 }
 
+/// Every entry under `dir`: file contents, symbolic-link targets, folders.
+fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let t = e.file_type().unwrap();
+            let v = if t.is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else if t.is_dir() {
+                stack.push(p.clone());
+                b"<folder>".to_vec()
+            } else {
+                std::fs::read(&p).unwrap()
+            };
+            found.insert(p, v);
+        }
+    }
+    found
+}
+
 /// Files whose names mark an unfinished atomic write.
 fn temporaries(dir: &Path) -> Vec<PathBuf> {
     let mut found = vec![];
@@ -184,6 +209,24 @@ fn catalogue(d: &Path) -> Vec<Case> {
     std::fs::write(&badclf, b"\x08\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
     let afile = d.join("a-file");
     std::fs::write(&afile, b"").unwrap();
+
+    let x0 = d.join("x0.npy");
+    write_npy_f64(&x0, &[[0.0, 1.0], [1.0, 0.0]]);
+    let dangling = d.join("dangling.npy");
+    std::os::unix::fs::symlink(d.join("nowhere.npy"), &dangling).unwrap();
+    let huge = d.join("huge.csv");
+    std::fs::write(&huge, "1e30,-1e30\n-1e30,1e30\n3e30,2e30\n").unwrap();
+    let headers = d.join("headers.csv");
+    std::fs::write(&headers, "points\nx,y\n1,2\n").unwrap();
+    let bomb = d.join("bomb");
+    edited(&good, &bomb, |v| {
+        v["config"]["model"]["hidden"] = 40_000.into()
+    });
+    let imgs = d.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    image::GrayImage::from_pixel(4, 4, image::Luma([128]))
+        .save(imgs.join("a.png"))
+        .unwrap();
 
     let out = d.join("out");
     let ck = out.join("checkpoint.json");
@@ -575,6 +618,232 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "must name a .npy",
             &[&d.join("logp.txt")],
         ),
+        case(
+            "E48",
+            &[
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--num-samples",
+                "8",
+                "--out",
+                &s(&good.join("checkpoint.json")),
+            ],
+            "an input of this command",
+            &[],
+        ),
+        case(
+            "E49",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--out",
+                &s(&samples),
+                "--plot",
+                &s(&weights_of(&good)),
+            ],
+            "an input of this command",
+            &[&samples],
+        ),
+        case(
+            "E50",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--out",
+                &s(&samples),
+                "--plot",
+                &s(&samples),
+            ],
+            "name the same file",
+            &[&samples],
+        ),
+        case(
+            "E51",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--x0",
+                &s(&x0),
+                "--out",
+                &s(&x0),
+            ],
+            "an input of this command",
+            &[],
+        ),
+        case(
+            "E52",
+            &[
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--num-samples",
+                "8",
+                "--out",
+                "/dev/full",
+            ],
+            "not a regular file",
+            &[],
+        ),
+        case(
+            "E53",
+            &["sample", "--checkpoint", &g, "--out", &s(&dangling)],
+            "symbolic link to a missing file",
+            &[],
+        ),
+        case(
+            "E54",
+            &[
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--out",
+                &s(&nothing),
+            ],
+            "is a folder",
+            &[],
+        ),
+        c(
+            "E55",
+            with(train("moons"), &["--batch-size", "1000000000000"]),
+            "lower --batch-size",
+            &[&ck],
+        ),
+        case(
+            "E56",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--num-samples",
+                "1000000000000",
+                "--out",
+                &s(&samples),
+            ],
+            "lower --num-samples",
+            &[&samples],
+        ),
+        case(
+            "E57",
+            &[
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--num-samples",
+                "1000",
+                "--hutchinson",
+                "100000000000",
+            ],
+            "lower --batch-size or --hutchinson",
+            &[],
+        ),
+        c(
+            "E58",
+            with(train(&s(&imgs)), &["--image-size", "1000000"]),
+            "lower --image-size",
+            &[&ck],
+        ),
+        case(
+            "E59",
+            &["sample", "--checkpoint", &s(&bomb), "--out", &s(&samples)],
+            "another architecture",
+            &[&samples],
+        ),
+        c(
+            "E60",
+            train(&s(&huge)),
+            "no checkpoint was written",
+            &[&out],
+        ),
+        c(
+            "E61",
+            with(train("moons"), &["--source", &s(&three)]),
+            "must have the same dimension",
+            &[&out],
+        ),
+        case(
+            "E62",
+            &[
+                "eval",
+                "--checkpoint",
+                &g,
+                "--data",
+                &s(&three),
+                "--num-samples",
+                "2",
+            ],
+            "holds points of 3 dimensions",
+            &[],
+        ),
+        c(
+            "E63",
+            train(&s(&headers)),
+            "only the first line may be a header",
+            &[&out],
+        ),
+        case(
+            "E64",
+            &[
+                "train", "--data", "moons", "--steps", "5", "--lr", "0.01", "--resume", "--out", &g,
+            ],
+            "--lr gives 0.01 where the checkpoint has 0.001",
+            &[],
+        ),
+        case(
+            "E65",
+            &[
+                "train", "--data", "circles", "--steps", "5", "--resume", "--out", &g,
+            ],
+            "--data gives \"circles\" where the checkpoint has \"moons\"",
+            &[],
+        ),
+        case(
+            "E66",
+            &[
+                "sample",
+                "--checkpoint",
+                &im,
+                "--num-samples",
+                "2",
+                "--plot",
+                &s(&d.join("p.png")),
+                "--out",
+                &s(&samples),
+            ],
+            "for point models",
+            &[&samples, &d.join("p.png")],
+        ),
+        case(
+            "E67",
+            &[
+                "sample",
+                "--checkpoint",
+                &im,
+                "--guidance",
+                "1e30",
+                "--out",
+                &s(&samples),
+            ],
+            "must be between",
+            &[&samples],
+        ),
+        c(
+            "E68",
+            with(train("moons"), &["--lr", "nan"]),
+            "must be a finite number",
+            &[&out],
+        ),
     ]
 }
 
@@ -584,6 +853,7 @@ fn every_catalogued_bad_input_fails_cleanly() {
     let cases = catalogue(&d);
     let before = temporaries(&d);
     assert!(before.is_empty(), "{before:?}");
+    let fixtures = tree(&d);
     for c in &cases {
         let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
         let o = run(&args);
@@ -602,7 +872,21 @@ fn every_catalogued_bad_input_fails_cleanly() {
         }
         let left = temporaries(&d);
         assert!(left.is_empty(), "{}: temporary files left: {left:?}", c.id);
+        // Inputs byte-identical, nothing added: a failed command changes nothing.
+        let after = tree(&d);
+        if after != fixtures {
+            let changed: Vec<_> = after
+                .iter()
+                .filter(|(p, v)| fixtures.get(*p) != Some(v))
+                .map(|(p, _)| p)
+                .chain(fixtures.keys().filter(|p| !after.contains_key(*p)))
+                .collect();
+            panic!("{}: the folder changed: {changed:?}", c.id);
+        }
     }
+    use std::os::unix::fs::FileTypeExt;
+    let full = std::fs::metadata("/dev/full").unwrap().file_type();
+    assert!(full.is_char_device(), "/dev/full was replaced");
     // The catalogue in docs/errors.md lists exactly these ids.
     let doc =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/errors.md"))
@@ -621,7 +905,6 @@ fn every_catalogued_bad_input_fails_cleanly() {
 /// stops the first checkpoint save. The command must fail cleanly and leave no partial file.
 #[test]
 fn full_disk_leaves_no_partial_checkpoint() {
-    use std::os::unix::process::CommandExt;
     let d = tmpdir("fulldisk");
     let out = d.join("run");
     let mut cmd = bin();
@@ -640,21 +923,10 @@ fn full_disk_leaves_no_partial_checkpoint() {
         "--out",
         &s(&out),
     ]);
-    // SAFETY: only async-signal-safe libc calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 16 * 1024,
-                rlim_max: 16 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let o = cmd.output().unwrap();
+    let o = limited(cmd, libc::RLIMIT_FSIZE, 16 * 1024)
+        .output()
+        .unwrap();
+
     assert_clean_failure(&o, "File too large");
     assert!(!out.join("checkpoint.json").exists());
     let left = temporaries(&d);
@@ -818,5 +1090,201 @@ fn a_second_run_on_a_busy_folder_is_refused() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `cmd` with its resource limit `resource` set to `bytes` (and SIGXFSZ ignored, so that a write past
+/// a file-size limit fails with EFBIG as on a full disk).
+fn limited(
+    mut cmd: std::process::Command,
+    resource: libc::__rlimit_resource_t,
+    bytes: u64,
+) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Absurd sizes under a 3 GB address-space limit: each is refused with the figure and the flag to
+/// lower, in well under 5 seconds, before anything of that size is allocated (no allocation abort, no
+/// OOM kill).
+#[test]
+fn absurd_sizes_are_refused_under_a_3_gb_limit() {
+    let d = tmpdir("absurd");
+    let good = d.join("good");
+    train_small(&good, "8");
+    let bomb = d.join("bomb");
+    edited(&good, &bomb, |v| {
+        v["config"]["model"]["hidden"] = 40_000.into()
+    });
+    let (g, out, samples) = (s(&good), s(&d.join("out")), s(&d.join("s.npy")));
+    let b = s(&bomb);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "train",
+                "--data",
+                "moons",
+                "--batch-size",
+                "1000000000000",
+                "--out",
+                &out,
+            ],
+            "lower --batch-size",
+        ),
+        (
+            vec![
+                "train", "--data", "moons", "--hidden", "30000", "--out", &out,
+            ],
+            "the model's size",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                &g,
+                "--num-samples",
+                "1000000000000",
+                "--out",
+                &samples,
+            ],
+            "lower --num-samples",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                &g,
+                "--num-samples",
+                "10000000",
+                "--trajectory",
+                "--out",
+                &samples,
+            ],
+            "lower --num-samples",
+        ),
+        (
+            vec![
+                "likelihood",
+                "--checkpoint",
+                &g,
+                "--data",
+                "moons",
+                "--num-samples",
+                "100",
+                "--hutchinson",
+                "1000000000",
+            ],
+            "lower --batch-size or --hutchinson",
+        ),
+        (
+            vec!["sample", "--checkpoint", &b, "--out", &samples],
+            "another architecture",
+        ),
+        (
+            vec![
+                "train", "--data", "moons", "--resume", "--steps", "10", "--out", &b,
+            ],
+            "another architecture",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut cmd = bin();
+        cmd.args(&args);
+        let start = std::time::Instant::now();
+        let o = limited(cmd, libc::RLIMIT_AS, 3 << 30).output().unwrap();
+        let seconds = start.elapsed().as_secs_f64();
+        assert_clean_failure(&o, needle);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(seconds < 5.0, "{args:?} took {seconds:.1} s");
+    }
+    assert!(!d.join("out").exists() && !d.join("s.npy").exists());
+    assert!(temporaries(&d).is_empty());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A command's outputs appear together or not at all: `sample --trajectory` whose trajectory cannot be
+/// written (a file-size limit between the sizes of the samples and of the trajectory) leaves the
+/// earlier run's samples and statistics as they were, and no temporary file. Temporary files that a
+/// killed write left behind are removed by the next write of the same file.
+#[test]
+fn outputs_appear_together_or_not_at_all() {
+    let d = tmpdir("together");
+    let good = d.join("good");
+    train_small(&good, "8");
+    let (g, samples) = (s(&good), d.join("s.npy"));
+    let sample = |extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args([
+            "sample",
+            "--checkpoint",
+            &g,
+            "--num-samples",
+            "200",
+            "--steps",
+            "4",
+        ])
+        .args(["--out", &s(&samples)])
+        .args(extra);
+        cmd
+    };
+    let o = sample(&[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = tree(&d);
+    // 200 x 2 f32 samples are 1.7 KB; 101 frames of them 160 KB.
+    let o = limited(sample(&["--trajectory"]), libc::RLIMIT_FSIZE, 32 * 1024)
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "File too large");
+    assert_eq!(tree(&d), before, "a failed run changed its earlier outputs");
+    // A temporary file of a killed writer (a process id that is not running) goes with the next write.
+    let stale = d.join(".s.npy.tmp-4194303");
+    std::fs::write(&stale, b"partial").unwrap();
+    let o = sample(&["--trajectory"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stale.exists(), "a stale temporary file survived");
+    assert!(d.join("s.trajectory.npy").exists() && d.join("s.trajectory.png").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// An output that is a symbolic link: its target is replaced and the link stays a link.
+#[test]
+fn a_symbolic_link_output_is_followed() {
+    let d = tmpdir("symlink");
+    let good = d.join("good");
+    train_small(&good, "8");
+    let (real, link) = (d.join("real.npy"), d.join("link.npy"));
+    std::fs::write(&real, b"old").unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        &s(&good),
+        "--num-samples",
+        "10",
+        "--steps",
+        "2",
+        "--out",
+        &s(&link),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(read_npy_len(&real), 20);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -52,9 +52,11 @@ impl CheckpointMeta {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename). Temporary files that earlier,
+/// killed writes of the same file left behind are removed first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
+    remove_stale_temporaries(path);
+    let tmp = temporary_path(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -68,26 +70,69 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
+/// The temporary name this process writes `path` under before renaming it: `.NAME.tmp-PID`, beside it.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!("{}{}", temporary_prefix(path), std::process::id()))
+}
+
+/// `.NAME.tmp-`: the start of every temporary name of `path`.
+fn temporary_prefix(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    format!(".{name}.tmp-")
+}
+
+/// Removes the temporary files of `path` whose writing process no longer runs (killed by a signal, a
+/// file-size limit or the OOM killer mid-write). Files of a process that still runs are left alone.
+pub fn remove_stale_temporaries(path: &Path) {
+    let prefix = temporary_prefix(path);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || !process_runs(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether process `pid` exists (from /proc; where there is none, every process is assumed to run, so
+/// that nothing of a live writer is removed).
+fn process_runs(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Tensors as the bytes of a safetensors file (tensors in name order).
+pub fn tensor_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut cpu: Vec<(&String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    cpu.sort_by(|a, b| a.0.cmp(b.0));
+    safetensors::tensor::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), None).map_err(|e| {
+        Error::Checkpoint {
+            path: String::new(),
+            reason: format!("cannot serialise tensors: {e}"),
+        }
+    })
 }
 
 /// Writes tensors as a safetensors file, atomically; returns the bytes written (for checksums).
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
-    let tmp = tmp_name(path);
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Checkpoint {
-            path: tmp.display().to_string(),
-            reason: e.to_string(),
-        }
-    })?;
-    let bytes = std::fs::read(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let _ = std::fs::remove_file(&tmp);
+    let bytes = tensor_bytes(tensors)?;
     write_atomic(path, &bytes)?;
     Ok(bytes)
 }
@@ -159,20 +204,50 @@ impl Checkpoint {
         let wpath = dir.join(&meta.weights_file);
         let bytes = std::fs::read(&wpath)
             .map_err(|e| bad(&wpath, format!("cannot read the tensor file: {e}")))?;
-        let crc = crc32fast::hash(&bytes);
+        Self::from_parts(meta, &bytes, &dir, device)
+    }
+
+    /// A checkpoint from checkpoint.json's bytes and its tensor file's bytes (`dir` names it in errors).
+    pub fn from_bytes(meta: &[u8], weights: &[u8], dir: &Path, device: &Device) -> Result<Self> {
+        let meta = CheckpointMeta::parse(meta).map_err(|reason| Error::Checkpoint {
+            path: dir.join(META_FILE).display().to_string(),
+            reason,
+        })?;
+        Self::from_parts(meta, weights, dir, device)
+    }
+
+    /// Verifies the tensor file's checksum against `meta` and reads its tensors.
+    fn from_parts(meta: CheckpointMeta, bytes: &[u8], dir: &Path, device: &Device) -> Result<Self> {
+        let wpath = dir.join(&meta.weights_file);
+        let bad = |reason: String| Error::Checkpoint {
+            path: wpath.display().to_string(),
+            reason,
+        };
+        let crc = crc32fast::hash(bytes);
         if crc != meta.weights_crc32 {
-            return Err(bad(
-                &wpath,
-                format!("checksum mismatch (file {crc:08x}, expected {:08x}): the file is truncated or corrupted", meta.weights_crc32),
-            ));
+            return Err(bad(format!(
+                "checksum mismatch (file {crc:08x}, expected {:08x}): the file is truncated or corrupted",
+                meta.weights_crc32
+            )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| bad(&wpath, format!("unreadable tensors: {e}")))?;
-        Ok(Self { meta, tensors, dir })
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)
+            .map_err(|e| bad(format!("unreadable tensors: {e}")))?;
+        Ok(Self {
+            meta,
+            tensors,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Checks that the config describes the saved weights, allocating no more than the file holds.
+    pub fn check_architecture(&self, device: &Device) -> Result<()> {
+        self.model(device, false).map(|_| ())
     }
 
     /// A trainer positioned exactly where this checkpoint left off.
     pub fn into_trainer(self, device: &Device) -> Result<Trainer> {
+        // Before a trainer (model, moments, EMA) is allocated for the config.
+        self.check_architecture(device)?;
         let mut trainer = Trainer::new(self.meta.config.clone(), device)?;
         trainer
             .restore(
@@ -196,15 +271,23 @@ impl Checkpoint {
             .iter()
             .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
             .collect();
-        let (model, params) = self.meta.config.model.build(
-            &mut crate::rng::Rng::new(0),
-            device,
-            candle_core::DType::F32,
-        )?;
-        params.load(&values).map_err(|e| Error::Checkpoint {
+        let saved: usize = values.values().map(Tensor::elem_count).sum();
+        let in_folder = |e: Error| Error::Checkpoint {
             path: self.dir.display().to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let (model, params) = self
+            .meta
+            .config
+            .model
+            .build_within(
+                &mut crate::rng::Rng::new(0),
+                device,
+                candle_core::DType::F32,
+                Some(saved),
+            )
+            .map_err(in_folder)?;
+        params.load(&values).map_err(in_folder)?;
         model.frozen()
     }
 }

@@ -16,25 +16,27 @@ pub enum Error {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
     /// Training produced a NaN or an infinity.
-    #[error("training diverged at step {step}: {what} is not finite (NaN or Inf); lower the learning rate or enable gradient clipping")]
-    NonFinite { step: u64, what: String },
+    #[error("training diverged at step {step}: {what} is not finite (NaN or Inf); {advice}")]
+    NonFinite {
+        step: u64,
+        what: String,
+        /// What to change, given the run's settings.
+        advice: String,
+    },
     /// An ODE solve could not finish (a solve with `throw` set; otherwise the solution says so).
     #[error("{0}")]
     SolverStopped(SolveStop),
-    /// An I/O error, with the file it concerns.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O error, with the file it concerns. (The OS error is part of the message, not a separate
+    /// source, so that printing the error chain does not repeat it.)
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 impl Error {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
 }

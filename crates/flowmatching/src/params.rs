@@ -83,11 +83,31 @@ pub struct Init<'a> {
     pub rng: &'a mut Rng,
     pub device: Device,
     pub dtype: DType,
+    /// At most this many values in all (`None`: no bound). A model built to receive a file's weights
+    /// gets the file's count, so that a config describing a larger model fails before allocating it.
+    pub budget: Option<usize>,
 }
 
 impl Init<'_> {
+    /// Takes `shape`'s values out of the budget.
+    fn spend(&mut self, shape: &candle_core::Shape) -> Result<()> {
+        if let Some(left) = self.budget.as_mut() {
+            let n = shape.elem_count();
+            if n > *left {
+                return Err(Error::Data(format!(
+                    "the config describes a larger model than its weights hold (a {shape:?} tensor \
+                     is {} values more than what is left): the weights come from another architecture",
+                    n - *left
+                )));
+            }
+            *left -= n;
+        }
+        Ok(())
+    }
+
     pub fn uniform<S: Into<candle_core::Shape>>(&mut self, shape: S, bound: f64) -> Result<Tensor> {
         let shape = shape.into();
+        self.spend(&shape)?;
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| ((2.0 * self.rng.uniform() - 1.0) * bound) as f32)
             .collect();
@@ -99,6 +119,7 @@ impl Init<'_> {
     /// N(0, std^2) entries.
     pub fn normal<S: Into<candle_core::Shape>>(&mut self, shape: S, std: f64) -> Result<Tensor> {
         let shape = shape.into();
+        self.spend(&shape)?;
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| (self.rng.normal() * std) as f32)
             .collect();
@@ -113,6 +134,8 @@ impl Init<'_> {
         shape: S,
         value: f64,
     ) -> Result<Tensor> {
+        let shape = shape.into();
+        self.spend(&shape)?;
         Ok(Tensor::full(value, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 }

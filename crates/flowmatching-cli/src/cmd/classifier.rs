@@ -7,6 +7,7 @@ use flowmatching::data::DataSource;
 use flowmatching::eval::classifier::{train_classifier, ClassifierConfig, ClassifierTraining};
 
 use crate::cli::{ClassifierArgs, ClassifierCommand};
+use crate::outputs::Outputs;
 use crate::{io, progress};
 
 pub fn run(a: &ClassifierArgs) -> Result<()> {
@@ -16,6 +17,12 @@ pub fn run(a: &ClassifierArgs) -> Result<()> {
 }
 
 fn train(a: &crate::cli::ClassifierTrainArgs) -> Result<()> {
+    let mut outs = Outputs::new();
+    outs.data(&a.data, "--data");
+    if let Some(t) = &a.test_data {
+        outs.data(t, "--test-data");
+    }
+    outs.declare(&a.out, "--out")?;
     let opts = a.images.options();
     let data = io::open_image_set(&a.data, &opts)?;
     let Some(labels) = data.labels() else {
@@ -65,10 +72,7 @@ fn train(a: &crate::cli::ClassifierTrainArgs) -> Result<()> {
     })?;
     bar.finish();
     let seconds = start.elapsed().as_secs_f64();
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io::ensure_dir(parent)?;
-    }
-    clf.save(&a.out)?;
+    outs.write(&a.out, &clf.to_bytes()?)?;
     let train_acc = clf.accuracy(data.rows(), labels, &device)?;
     print!(
         "classifier trained in {seconds:.0} s: train accuracy {:.2}%",
@@ -82,6 +86,7 @@ fn train(a: &crate::cli::ClassifierTrainArgs) -> Result<()> {
         let acc = clf.accuracy(test.rows(), tl, &device)?;
         print!(", test accuracy {:.2}% on {t}", 100.0 * acc);
     }
+    outs.commit()?;
     println!(" -> {}", a.out.display());
     Ok(())
 }

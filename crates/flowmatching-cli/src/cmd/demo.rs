@@ -17,9 +17,10 @@ use flowmatching::train::{RunConfig, TrainConfig, Trainer};
 use serde::Serialize;
 
 use crate::cli::DemoArgs;
+use crate::outputs::Outputs;
 use crate::resolve::initial_points;
 use crate::training::{lock_folder, run_loop};
-use crate::{io, plot};
+use crate::{io, memory, plot};
 
 /// Solver settings of the demo's sampling.
 const SOLVER: SolverKind = SolverKind::Midpoint;
@@ -59,13 +60,23 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     if a.num_samples < 2 {
         anyhow::bail!("--num-samples must be at least 2");
     }
+    let data = Toy2d::Checkerboard;
+    let config = demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr);
+    config.validate()?;
+    let need = memory::training_bytes(&config)
+        + 3 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 2, 0);
+    memory::check(
+        need,
+        "the demo",
+        "lower --num-samples, --batch-size or --hidden",
+    )?;
+    let mut outs = Outputs::new();
+    for name in ["samples.npy", "samples.png", "metrics.json"] {
+        outs.declare(&a.out.join(name), "--out")?;
+    }
     io::ensure_dir(&a.out)?;
     let _lock = lock_folder(&a.out)?;
-    let data = Toy2d::Checkerboard;
-    let mut trainer = Trainer::new(
-        demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr),
-        &Device::Cpu,
-    )?;
+    let mut trainer = Trainer::new(config, &Device::Cpu)?;
     eprintln!(
         "demo: training a flow-matching MLP on checkerboard for {} steps",
         a.steps
@@ -95,15 +106,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         sample_seconds,
         num_samples: a.num_samples,
     };
-    io::write_npy(&a.out.join("samples.npy"), &x, &[a.num_samples, 2])?;
-    plot::histograms(
-        &a.out.join("samples.png"),
-        &[&reference, &x],
-        2,
-        (-4.6, 4.6),
-        100,
+    outs.write(
+        &a.out.join("samples.npy"),
+        &io::npy_bytes(&x, &[a.num_samples, 2])?,
     )?;
-    io::write_json(&a.out.join("metrics.json"), &metrics)?;
+    let png = plot::histograms(&[&reference, &x], 2, (-4.6, 4.6), 100)?;
+    outs.write(&a.out.join("samples.png"), &png)?;
+    outs.write(&a.out.join("metrics.json"), &io::json_bytes(&metrics)?)?;
+    outs.commit()?;
     println!("{}", serde_json::to_string_pretty(&metrics)?);
     println!(
         "wrote {0}/samples.npy, {0}/samples.png (data left, samples right), {0}/metrics.json and the checkpoint \

@@ -7,7 +7,8 @@ use flowmatching::eval::summary::evaluate;
 use flowmatching::rng::Rng;
 
 use crate::cli::EvalArgs;
-use crate::{io, plot};
+use crate::outputs::Outputs;
+use crate::{io, memory, plot};
 
 /// `n` reference points from a data spec (fresh draws from a built-in set).
 fn reference(spec: &str, n: usize, seed: u64) -> Result<Vec<f32>> {
@@ -22,7 +23,31 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
     let config = &ckpt.meta.config;
     let spec = a.data.clone().unwrap_or_else(|| config.data.clone());
+    let mut outs = Outputs::new();
+    outs.checkpoint(&a.checkpoint);
+    outs.data(&spec, "--data");
+    if let Some(source) = &config.source {
+        outs.data(source, "source");
+    }
+    if let Some(out) = &a.out {
+        outs.declare(out, "--out")?;
+    }
+    if let Some(p) = &a.plot {
+        outs.declare(p, "--plot")?;
+    }
+    // The reference, and the samples of each Euler budget and the adaptive solve.
+    let sets = 2 + flowmatching::eval::summary::EULER_STEPS.len();
+    let need =
+        sets as u128 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 7, 0);
+    memory::check(need, "the evaluation", "lower --num-samples")?;
     let refs = reference(&spec, a.num_samples, a.seed)?;
+    if refs.len() != a.num_samples * config.model.dim() {
+        bail!(
+            "the model is {}-dimensional but --data {spec} holds points of {} dimensions",
+            config.model.dim(),
+            refs.len() / a.num_samples.max(1)
+        );
+    }
     let model = ckpt.model(&Device::Cpu, true)?;
     let source = config.source.as_deref().map(io::open_data).transpose()?;
     let (report, sets) = evaluate(
@@ -35,13 +60,15 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         a.seed,
     )?;
     if let Some(out) = &a.out {
-        io::write_json(out, &report)?;
+        outs.write(out, &io::json_bytes(&report)?)?;
     }
     if let Some(p) = &a.plot {
         let mut all: Vec<&[f32]> = vec![&refs];
         all.extend(sets.iter().map(Vec::as_slice));
-        plot::histograms(p, &all, config.model.dim(), plot::window(&refs), 80)?;
+        let png = plot::histograms(&all, config.model.dim(), plot::window(&refs), 80)?;
+        outs.write(p, &png)?;
     }
+    outs.commit()?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

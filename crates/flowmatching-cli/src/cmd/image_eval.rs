@@ -6,7 +6,6 @@
 //! pixel mean and covariance (a ceiling). Every image set is clamped to [-1, 1], the range of a stored
 //! image, before the classifier sees it.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -20,6 +19,7 @@ use flowmatching::solver::{SolveOptions, Stats};
 use serde::Serialize;
 
 use crate::cli::ImageEvalArgs;
+use crate::outputs::Outputs;
 use crate::resolve::{control, load_classifier, solver_kind};
 use crate::{images, io, sampling};
 
@@ -93,7 +93,31 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
         eprintln!("note: the model is unconditional; evaluating it without guidance");
     }
     let clf = load_classifier(&a.classifier, shape, &device)?;
-    io::ensure_dir(&a.out)?;
+    let weights: Vec<Option<f64>> = if k == 0 {
+        vec![None]
+    } else {
+        a.guidance.iter().map(|&w| Some(w)).collect()
+    };
+    let grid_name = |w: Option<f64>| match w {
+        Some(w) => format!("samples-w{w}.png"),
+        None => "samples.png".into(),
+    };
+    let mut outs = Outputs::new();
+    outs.checkpoint(&a.checkpoint);
+    outs.input(&a.classifier, "the --classifier file");
+    outs.data(&a.train_data, "--train-data");
+    outs.data(&a.test_data, "--test-data");
+    let names = [
+        "gaussian.png".to_string(),
+        "results.json".into(),
+        "report.md".into(),
+    ];
+    for name in names
+        .into_iter()
+        .chain(weights.iter().map(|&w| grid_name(w)))
+    {
+        outs.declare(&a.out.join(&name), "--out")?;
+    }
     let opts = a.images.options();
     let test = io::open_image_set(&a.test_data, &opts)?;
     let train = io::open_image_set(&a.train_data, &opts)?;
@@ -114,12 +138,8 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     let mut gauss = pixels.sample(&mut rng, a.num_samples)?;
     clamp(&mut gauss);
     let fd_gaussian_vs_test = frechet_distance(&clf.feature_stats(&gauss, &device)?, &test_stats)?;
-    images::write_grid(
-        &a.out.join("gaussian.png"),
-        &gauss[..dim * 100.min(a.num_samples)],
-        shape,
-        10,
-    )?;
+    let png = images::grid_png(&gauss[..dim * 100.min(a.num_samples)], shape, 10)?;
+    outs.write(&a.out.join("gaussian.png"), &png)?;
     let references = References {
         classifier_test_accuracy,
         fd_train_vs_test,
@@ -130,11 +150,6 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     let model = ckpt.model(&device, true)?;
     let kind = solver_kind(a.solver);
     let solve_opts = SolveOptions::with_control(control(kind, a.steps, &a.tol)?);
-    let weights: Vec<Option<f64>> = if k == 0 {
-        vec![None]
-    } else {
-        a.guidance.iter().map(|&w| Some(w)).collect()
-    };
     let mut results = vec![];
     for w in weights {
         let start = Instant::now();
@@ -158,11 +173,11 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
             Some(c) => Some(clf.accuracy(&x, &c.labels, &device)?),
             None => None,
         };
-        let grid = match w {
-            Some(w) => format!("samples-w{w}.png"),
-            None => "samples.png".into(),
-        };
-        write_class_grid(&a.out.join(&grid), &x, shape, cond.as_ref(), k)?;
+        let grid = grid_name(w);
+        outs.write(
+            &a.out.join(&grid),
+            &class_grid(&x, shape, cond.as_ref(), k)?,
+        )?;
         let r = GuidedResult {
             guidance: w,
             fd,
@@ -186,7 +201,7 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
         references,
         results,
     };
-    io::write_json(&a.out.join("results.json"), &report)?;
+    outs.write(&a.out.join("results.json"), &io::json_bytes(&report)?)?;
     let mut md = markdown(&report);
     if a.train_data.starts_with("fashion-mnist") {
         md += &format!(
@@ -194,23 +209,23 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
             images::FASHION_CLASSES.join(", ")
         );
     }
-    flowmatching::checkpoint::write_atomic(&a.out.join("report.md"), md.as_bytes())?;
+    outs.write(&a.out.join("report.md"), md.as_bytes())?;
+    outs.commit()?;
     println!("{md}");
     Ok(())
 }
 
-/// Ten samples per class, one row per class (or the first 100 samples for unconditional models).
-fn write_class_grid(
-    path: &Path,
+/// Ten samples per class, one row per class (or the first 100 samples for unconditional models), as PNG.
+fn class_grid(
     x: &[f32],
     shape: [usize; 3],
     cond: Option<&Conditioning>,
     k: usize,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let dim = shape.iter().product::<usize>();
     let Some(c) = cond else {
         let n = (x.len() / dim).min(100);
-        return images::write_grid(path, &x[..n * dim], shape, 10);
+        return images::grid_png(&x[..n * dim], shape, 10);
     };
     let mut rows = vec![];
     for class in 0..k as u32 {
@@ -222,7 +237,7 @@ fn write_class_grid(
             rows.extend_from_slice(&x[i * dim..(i + 1) * dim]);
         }
     }
-    images::write_grid(path, &rows, shape, 10)
+    images::grid_png(&rows, shape, 10)
 }
 
 fn markdown(r: &Report) -> String {

@@ -13,9 +13,10 @@ use flowmatching::solver::{SolverKind, StepControl};
 use serde::Serialize;
 
 use crate::cli::LikelihoodArgs;
-use crate::io;
 use crate::io::{dequantized_images, points};
+use crate::outputs::Outputs;
 use crate::resolve;
+use crate::{io, memory};
 
 #[derive(Serialize)]
 struct Report {
@@ -56,10 +57,24 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
             bail!("--bits-scale must be positive, got {s}");
         }
     }
+    let mut outs = Outputs::new();
+    outs.checkpoint(&a.checkpoint);
+    outs.data(&a.data, "--data");
+    if let Some(out) = &a.out {
+        outs.declare(out, "--out")?;
+    }
+    if let Some(p) = &a.per_point {
+        outs.declare(p, "--per-point")?;
+    }
     let device = a.device.device()?;
     let ckpt = Checkpoint::load(&a.checkpoint, &device)?;
     let config = &ckpt.meta.config;
     let images = config.model.image_shape().is_some();
+    if flowmatching::data::Toy2d::from_name(&a.data).is_some() {
+        let n = a.num_samples.unwrap_or(10_000);
+        let need = memory::sampling_bytes(&config.model, n, 1, 0, 0);
+        memory::check(need, "the data points", "lower --num-samples")?;
+    }
     let (rows, dim) = if images {
         dequantized_images(&a.data, &a.images.options(), a.num_samples, a.seed)?
     } else {
@@ -82,10 +97,19 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
         seed: a.seed,
     };
     let n = rows.len() / dim;
+    let batch = a.batch_size.min(n);
+    let vectors = 8 + a.hutchinson.unwrap_or(1) as u128;
+    let need = 4 * (batch * dim) as u128 * vectors
+        + batch as u128 * config.model.activation_bytes_per_sample();
+    memory::check(
+        need,
+        "one likelihood solve",
+        "lower --batch-size or --hutchinson",
+    )?;
     let bar = crate::progress::counter_bar(n as u64, "points");
     let start = Instant::now();
     let (mut log_p, mut nfe) = (Vec::with_capacity(n), vec![]);
-    for chunk in rows.chunks(a.batch_size * dim) {
+    for chunk in rows.chunks(batch * dim) {
         let x = Tensor::from_vec(chunk.to_vec(), (chunk.len() / dim, dim), &device)?;
         let ll = log_likelihood(&field, &x, &opts)?;
         nfe.push(ll.stats.nfe);
@@ -114,11 +138,12 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
         seconds: start.elapsed().as_secs_f64(),
     };
     if let Some(out) = &a.out {
-        io::write_json(out, &report)?;
+        outs.write(out, &io::json_bytes(&report)?)?;
     }
     if let Some(p) = &a.per_point {
-        io::write_npy(p, &log_p, &[n])?;
+        outs.write(p, &io::npy_bytes(&log_p, &[n])?)?;
     }
+    outs.commit()?;
     print!("NLL = {nll:.4} +- {se:.4} nats over {n} points");
     if let Some(b) = report.bits_per_dim {
         print!(" ({b:.4} bits/dim)");

@@ -11,8 +11,8 @@ use flowmatching::reflow::{next_config, pairs};
 use flowmatching::train::Trainer;
 
 use crate::cli::ReflowArgs;
-use crate::io;
 use crate::training::{lock_folder, report_done, run_loop};
+use crate::{io, memory};
 
 pub fn run(a: &ReflowArgs) -> Result<()> {
     if a.pairs == 0 || a.solver_steps == 0 {
@@ -31,6 +31,10 @@ pub fn run(a: &ReflowArgs) -> Result<()> {
     let steps = a.steps.unwrap_or(ckpt.meta.config.train.steps);
     let described = format!("reflow pairs of {}", a.checkpoint.display());
     let config = next_config(&ckpt.meta.config, described, steps);
+    config.validate()?;
+    let need = memory::sampling_bytes(&config.model, a.pairs, a.pairs, 2, 1)
+        + memory::training_bytes(&config);
+    memory::check(need, "the reflow pairs and training", "lower --pairs")?;
     let start = Instant::now();
     let model = ckpt.model(&Device::Cpu, true)?;
     let source = ckpt

@@ -12,8 +12,9 @@ use flowmatching::solver::{SolveOptions, SolverKind, Stats, StepControl};
 use serde::Serialize;
 
 use crate::cli::SampleArgs;
+use crate::outputs::Outputs;
 use crate::resolve::{beside, control, initial_points, solver_kind};
-use crate::{images, io, plot, sampling};
+use crate::{images, io, memory, plot, sampling};
 
 /// The start points of `--x0`: the rows of a .npy / .csv file, checked against the model's dimension.
 fn start_points(file: &Path, dim: usize) -> Result<Vec<f32>> {
@@ -59,6 +60,17 @@ struct SampleReport<'a> {
     nfe_per_sample_max: Option<usize>,
 }
 
+/// Refuses samples with NaN or Inf (a diverging field, or a guidance weight far out of range).
+fn finite(x: &[f32]) -> Result<()> {
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "sampling produced a non-finite value (at index {i}): the model's field diverges on this \
+             solve; nothing was written"
+        );
+    }
+    Ok(())
+}
+
 /// Times at which trajectories are recorded.
 const TRAJECTORY_POINTS: usize = 101;
 
@@ -80,28 +92,60 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     };
     let device = a.device.device()?;
     let ckpt = Checkpoint::load(&a.checkpoint, &device)?;
-    let model = ckpt.model(&device, !a.raw_weights)?;
-    if ckpt.meta.config.model.image_shape().is_some() || a.guidance.is_some() || a.class.is_some() {
+    let mut outs = Outputs::new();
+    outs.checkpoint(&a.checkpoint);
+    if let Some(source) = &ckpt.meta.config.source {
+        outs.data(source, "source");
+    }
+    if let Some(x0) = &a.x0 {
+        outs.input(x0, "the --x0 file");
+    }
+    outs.declare(&a.out, "--out")?;
+    outs.declare(&beside(&a.out, "stats.json"), "--out (its statistics)")?;
+    let images = ckpt.meta.config.model.image_shape().is_some();
+    if images || a.guidance.is_some() || a.class.is_some() {
         if a.x0.is_some() {
             bail!("--x0 is for point models; image sampling starts from noise drawn from --seed");
         }
-        return run_images(a, &ckpt, &model, kind, control, &device);
+        if a.plot.is_some() || a.trajectory {
+            bail!("--plot and --trajectory are for point models; use --grid for image models");
+        }
+        if let Some(g) = &a.grid {
+            outs.declare(g, "--grid")?;
+        }
+        let model = ckpt.model(&device, !a.raw_weights)?;
+        return run_images(a, &ckpt, &model, kind, control, &device, outs);
     }
     if a.grid.is_some() {
         bail!("--grid is for image models; use --plot for points");
     }
+    if let Some(p) = &a.plot {
+        outs.declare(p, "--plot")?;
+    }
+    if a.trajectory {
+        outs.declare(&beside(&a.out, "trajectory.npy"), "--trajectory")?;
+        outs.declare(&beside(&a.out, "trajectory.png"), "--trajectory")?;
+    }
+    let model = ckpt.model(&device, !a.raw_weights)?;
     let config = &ckpt.meta.config;
     let dim = config.model.dim();
+    let frames = if a.trajectory { TRAJECTORY_POINTS } else { 0 };
+    let need = |n| memory::sampling_bytes(&config.model, n, n, kind.stages() + 1, frames);
     let x0 = match &a.x0 {
         Some(file) => start_points(file, dim)?,
-        None => initial_points(config, a.num_samples, a.seed)?,
+        None => {
+            memory::check(need(a.num_samples), "sampling", "lower --num-samples")?;
+            initial_points(config, a.num_samples, a.seed)?
+        }
     };
     let num_samples = x0.len() / dim;
+    memory::check(need(num_samples), "sampling", "use fewer rows in --x0")?;
     let start = Instant::now();
     let opts = SolveOptions::with_control(control).grid(grid);
     let (x, sol) = transport(&model, config, x0, kind, &opts)?;
     let seconds = start.elapsed().as_secs_f64();
-    io::write_npy(&a.out, &x, &[num_samples, dim])?;
+    finite(&x)?;
+    outs.write(&a.out, &io::npy_bytes(&x, &[num_samples, dim])?)?;
     let per = sol.nfe_per_sample.as_ref();
     let report = SampleReport {
         checkpoint: a.checkpoint.display().to_string(),
@@ -116,9 +160,9 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         nfe_per_sample_mean: per.map(|v| v.iter().sum::<usize>() as f64 / v.len() as f64),
         nfe_per_sample_max: per.and_then(|v| v.iter().copied().max()),
     };
-    io::write_json(&beside(&a.out, "stats.json"), &report)?;
+    outs.write(&beside(&a.out, "stats.json"), &io::json_bytes(&report)?)?;
     if let Some(p) = &a.plot {
-        plot::histograms(p, &[&x], dim, plot::window(&x), 100)?;
+        outs.write(p, &plot::histograms(&[&x], dim, plot::window(&x), 100)?)?;
     }
     if a.trajectory {
         let frames: Vec<Vec<f32>> = sol
@@ -127,13 +171,12 @@ pub fn run(a: &SampleArgs) -> Result<()> {
             .map(|g| g.flatten_all()?.to_vec1())
             .collect::<candle_core::Result<_>>()?;
         let flat: Vec<f32> = frames.concat();
-        io::write_npy(
-            &beside(&a.out, "trajectory.npy"),
-            &flat,
-            &[frames.len(), num_samples, dim],
-        )?;
-        plot::trajectories(&beside(&a.out, "trajectory.png"), &frames, dim, 300)?;
+        let npy = io::npy_bytes(&flat, &[frames.len(), num_samples, dim])?;
+        outs.write(&beside(&a.out, "trajectory.npy"), &npy)?;
+        let png = plot::trajectories(&frames, dim, 300)?;
+        outs.write(&beside(&a.out, "trajectory.png"), &png)?;
     }
+    outs.commit()?;
     let s = &sol.stats;
     println!(
         "{} samples in {seconds:.2} s with {kind:?}: nfe {}, steps {}, accepted {}, rejected {} -> {}",
@@ -171,6 +214,7 @@ fn run_images(
     kind: SolverKind,
     control: StepControl,
     device: &Device,
+    mut outs: Outputs,
 ) -> Result<()> {
     let config = &ckpt.meta.config;
     let k = config.model.num_classes();
@@ -179,6 +223,9 @@ fn run_images(
     }
     if a.per_sample_used() {
         bail!("--per-sample is not available for image sampling; use the batch error norm");
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let cond = (k > 0)
         .then(|| -> Result<Conditioning> {
@@ -196,6 +243,8 @@ fn run_images(
             })
         })
         .transpose()?;
+    let need = memory::sampling_bytes(&config.model, a.num_samples, a.batch, kind.stages() + 1, 0);
+    memory::check(need, "sampling", "lower --num-samples or --batch")?;
     let opts = SolveOptions::with_control(control);
     let start = Instant::now();
     let drawn = sampling::draw(
@@ -215,7 +264,9 @@ fn run_images(
         .model
         .image_shape()
         .unwrap_or([1, 1, config.model.dim()]);
-    io::write_npy(&a.out, &x, &[a.num_samples, shape[0], shape[1], shape[2]])?;
+    finite(&x)?;
+    let npy = io::npy_bytes(&x, &[a.num_samples, shape[0], shape[1], shape[2]])?;
+    outs.write(&a.out, &npy)?;
     let report = ImageSampleReport {
         checkpoint: a.checkpoint.display().to_string(),
         solver: kind,
@@ -228,15 +279,16 @@ fn run_images(
         stats: &stats,
         labels: cond.as_ref().map(|c| c.labels.as_slice()),
     };
-    io::write_json(&beside(&a.out, "stats.json"), &report)?;
+    outs.write(&beside(&a.out, "stats.json"), &io::json_bytes(&report)?)?;
     if let Some(g) = &a.grid {
         let cols = if k > 0 && a.class.is_none() {
             a.num_samples.div_ceil(k)
         } else {
             (a.num_samples as f64).sqrt().ceil() as usize
         };
-        images::write_grid(g, &x, shape, cols)?;
+        outs.write(g, &images::grid_png(&x, shape, cols)?)?;
     }
+    outs.commit()?;
     println!(
         "{} images in {seconds:.2} s with {kind:?}: nfe {} per batch -> {}",
         a.num_samples,

@@ -9,8 +9,9 @@ use flowmatching::solver::{Adaptive, SolveOptions, SolverKind, StepControl};
 use serde::Serialize;
 
 use crate::cli::SolversArgs;
-use crate::io;
+use crate::outputs::Outputs;
 use crate::resolve::initial_points;
+use crate::{io, memory};
 
 #[derive(Serialize)]
 struct Row {
@@ -26,8 +27,16 @@ pub fn run(a: &SolversArgs) -> Result<()> {
     if a.num_samples < 2 {
         bail!("--num-samples must be at least 2");
     }
+    let mut outs = Outputs::new();
+    outs.checkpoint(&a.checkpoint);
+    outs.data(&a.data, "--data");
+    if let Some(out) = &a.out {
+        outs.declare(out, "--out")?;
+    }
     let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
     let config = &ckpt.meta.config;
+    let need = 2 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 7, 0);
+    memory::check(need, "the solver comparison", "lower --num-samples")?;
     let model = ckpt.model(&Device::Cpu, true)?;
     let (reference, dim) = io::points(&a.data, Some(a.num_samples), a.seed + 1)?;
     if dim != config.model.dim() {
@@ -89,7 +98,8 @@ pub fn run(a: &SolversArgs) -> Result<()> {
         rows.push(row);
     }
     if let Some(out) = &a.out {
-        io::write_json(out, &rows)?;
+        outs.write(out, &io::json_bytes(&rows)?)?;
     }
+    outs.commit()?;
     Ok(())
 }

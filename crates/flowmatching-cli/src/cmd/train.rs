@@ -11,8 +11,8 @@ use flowmatching::path::SchedulerConfig;
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ActivationArg, LrDecayArg, ModelArg, PathArg, TimeArg, TrainArgs, UNetPreset};
-use crate::io;
 use crate::training::{lock_folder, report_done, run_loop};
+use crate::{io, memory};
 
 /// The network the command line asks for, for data of this shape.
 fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> {
@@ -105,12 +105,83 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
     })
 }
 
+/// The parts of the run configuration each configuration flag of `train` sets (JSON pointers into
+/// checkpoint.json's config). Flags not listed here may change on `--resume`: --steps (the new total),
+/// --checkpoint-every, --max-minutes, --device, --tf32 and the data-loading options.
+const CONFIG_FLAGS: [(&str, &[&str]); 22] = [
+    ("data", &["/data"]),
+    ("source", &["/source"]),
+    ("batch_size", &["/train/batch_size"]),
+    ("lr", &["/train/optimizer/lr"]),
+    ("weight_decay", &["/train/optimizer/weight_decay"]),
+    ("warmup", &["/train/warmup_steps"]),
+    ("lr_decay", &["/train/lr_decay"]),
+    ("grad_clip", &["/train/grad_clip"]),
+    ("ema_decay", &["/train/ema_decay"]),
+    ("seed", &["/train/seed"]),
+    ("label_dropout", &["/train/label_dropout"]),
+    ("coupling", &["/train/coupling/kind"]),
+    ("sinkhorn_reg", &["/train/coupling/reg"]),
+    ("hidden", &["/model/hidden"]),
+    ("depth", &["/model/depth"]),
+    ("time_embedding", &["/model/time_embedding"]),
+    ("activation", &["/model/activation"]),
+    ("path", &["/path/kind"]),
+    ("sigma_min", &["/path/sigma_min"]),
+    ("model", &["/model/kind"]),
+    ("unet", &["/model/base_channels", "/model/channel_mults"]),
+    ("base_channels", &["/model/base_channels"]),
+];
+
+/// `--resume` with flags that contradict the checkpoint: refused, naming each (a resumed run keeps its
+/// configuration, so a silently ignored flag would train something other than what was asked).
+fn check_resume_flags(a: &TrainArgs, saved: &RunConfig, data: &dyn DataSource) -> Result<()> {
+    let wanted = serde_json::to_value(config_from_args(a, data)?)?;
+    let saved = serde_json::to_value(saved)?;
+    let mut conflicts = vec![];
+    for (flag, pointers) in CONFIG_FLAGS {
+        if flag != "data" && !a.given.iter().any(|g| g == flag) {
+            continue;
+        }
+        for p in pointers {
+            let (w, s) = (wanted.pointer(p), saved.pointer(p));
+            if w != s {
+                let show =
+                    |v: Option<&serde_json::Value>| v.map_or("none".into(), |v| v.to_string());
+                conflicts.push(format!(
+                    "--{} gives {} where the checkpoint has {}",
+                    flag.replace('_', "-"),
+                    show(w),
+                    show(s)
+                ));
+                break;
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        bail!(
+            "--resume: {}. A resumed run keeps its configuration: drop these flags (or repeat the \
+             checkpoint's values), or train into a new --out",
+            conflicts.join("; ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: &TrainArgs) -> Result<()> {
     let data = io::open_data_with(&a.data, &a.images.options())?;
     let device = a.device.device()?;
     let mut trainer = if a.resume {
         let ckpt = Checkpoint::load(&a.out, &device)
             .with_context(|| format!("--resume: no usable checkpoint in {}", a.out.display()))?;
+        check_resume_flags(a, &ckpt.meta.config, data.as_ref())?;
+        ckpt.check_architecture(&device)?;
+        memory::check(
+            memory::training_bytes(&ckpt.meta.config),
+            "resuming this checkpoint",
+            "a resumed run keeps its batch size and model, so resume it on a machine \
+             with more memory",
+        )?;
         let mut t = ckpt.into_trainer(&device)?;
         if a.steps <= t.step_count() {
             bail!(
@@ -128,7 +199,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 a.out.display()
             );
         }
-        Trainer::new(config_from_args(a, data.as_ref())?, &device)?
+        let config = config_from_args(a, data.as_ref())?;
+        config.validate()?;
+        memory::check(
+            memory::training_bytes(&config),
+            "training (weights, optimizer state and one batch's activations)",
+            "lower --batch-size, or the model's size (--hidden, --depth, --base-channels)",
+        )?;
+        Trainer::new(config, &device)?
     };
     let source = trainer
         .config()
@@ -136,17 +214,40 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         .as_deref()
         .map(io::open_data)
         .transpose()?;
+    if let Some(src) = &source {
+        if src.dim() != data.dim() {
+            bail!(
+                "--source {} holds {}-dimensional points but --data {} is {}-dimensional; x0 and x1 \
+                 must have the same dimension",
+                src.describe(),
+                src.dim(),
+                data.describe(),
+                data.dim()
+            );
+        }
+    }
+    if let Some(m) = a.max_minutes.filter(|m| *m <= 0.0) {
+        bail!("--max-minutes must be positive, got {m}");
+    }
+    let created = !a.out.exists();
     io::ensure_dir(&a.out)?;
-    let _lock = lock_folder(&a.out)?;
-    eprintln!("training on {} for {} steps", data.describe(), a.steps);
-    let o = run_loop(
-        &mut trainer,
-        data.as_ref(),
-        source.as_deref(),
-        &a.out,
-        a.checkpoint_every,
-        a.max_minutes,
-    )?;
-    report_done(&trainer, &o, &a.out);
-    Ok(())
+    let result = (|| {
+        let _lock = lock_folder(&a.out)?;
+        eprintln!("training on {} for {} steps", data.describe(), a.steps);
+        let o = run_loop(
+            &mut trainer,
+            data.as_ref(),
+            source.as_deref(),
+            &a.out,
+            a.checkpoint_every,
+            a.max_minutes,
+        )?;
+        report_done(&trainer, &o, &a.out);
+        Ok(())
+    })();
+    if result.is_err() && created {
+        // Nothing was saved into the folder this run made (a saved checkpoint keeps it).
+        let _ = std::fs::remove_dir(&a.out);
+    }
+    result
 }

@@ -8,13 +8,15 @@ use flowmatching::experiments::ablation::{ObjectiveResult, Results, Sizes, NFES}
 use flowmatching::objective::Objective;
 use flowmatching::solver::SolverKind;
 
+use flowmatching::checkpoint::write_atomic;
+
 use crate::images;
 use crate::plot::{self, Series};
 
 /// Writes report.md from `r`.
 pub fn write_report(out: &Path, r: &Results) -> Result<()> {
     let md = report(r);
-    flowmatching::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(())
 }
 
@@ -37,7 +39,10 @@ pub fn picture(
     match image {
         None => {
             let sets: Vec<&[f32]> = row.iter().map(Vec::as_slice).collect();
-            plot::histograms(path, &sets, 2, window, 60)
+            Ok(write_atomic(
+                path,
+                &plot::histograms(&sets, 2, window, 60)?,
+            )?)
         }
         Some(shape) => {
             let per: usize = shape.iter().product();
@@ -46,7 +51,10 @@ pub fn picture(
                 .iter()
                 .flat_map(|x| x[..k * per].iter().map(|v| v.clamp(-1.0, 1.0)))
                 .collect();
-            images::write_grid(path, &grid, shape, k.max(1))
+            Ok(write_atomic(
+                path,
+                &images::grid_png(&grid, shape, k.max(1))?,
+            )?)
         }
     }
 }
@@ -54,7 +62,7 @@ pub fn picture(
 /// The conditional (Figure 2) or marginal (Figure 3) paths as a trajectory plot.
 pub fn paths(path: &Path, frames: &[Vec<f32>]) -> Result<()> {
     let n = frames.first().map_or(0, |f| f.len() / 2);
-    plot::trajectories(path, frames, 2, n)
+    Ok(write_atomic(path, &plot::trajectories(frames, 2, n)?)?)
 }
 
 /// The Figure 10, Figure 7 and loss-curve plots.
@@ -70,8 +78,7 @@ pub fn figures(out: &Path, results: &[ObjectiveResult]) -> Result<()> {
                 .collect(),
         })
         .collect();
-    plot::line_plot(
-        &out.join("nfe-during-training.png"),
+    let png = plot::line_plot(
         "Adaptive NFE (dopri5, tol 1e-5) during training",
         "training step",
         "NFE",
@@ -79,6 +86,7 @@ pub fn figures(out: &Path, results: &[ObjectiveResult]) -> Result<()> {
         false,
         true,
     )?;
+    write_atomic(&out.join("nfe-during-training.png"), &png)?;
     let err: Vec<Series> = results
         .iter()
         .filter_map(|r| {
@@ -91,8 +99,7 @@ pub fn figures(out: &Path, results: &[ObjectiveResult]) -> Result<()> {
                 })
         })
         .collect();
-    plot::line_plot(
-        &out.join("error-vs-nfe.png"),
+    let png = plot::line_plot(
         "Midpoint: distance to a tight-tolerance solution",
         "NFE",
         "mean error",
@@ -100,6 +107,7 @@ pub fn figures(out: &Path, results: &[ObjectiveResult]) -> Result<()> {
         true,
         true,
     )?;
+    write_atomic(&out.join("error-vs-nfe.png"), &png)?;
     let loss: Vec<Series> = results
         .iter()
         .map(|r| Series {
@@ -107,15 +115,15 @@ pub fn figures(out: &Path, results: &[ObjectiveResult]) -> Result<()> {
             points: r.loss_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
         })
         .collect();
-    plot::line_plot(
-        &out.join("loss.png"),
+    let png = plot::line_plot(
         "Training loss (each objective's own scale)",
         "training step",
         "loss",
         &loss,
         false,
         true,
-    )
+    )?;
+    Ok(write_atomic(&out.join("loss.png"), &png)?)
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::Result;
+use flowmatching::checkpoint::write_atomic;
 use flowmatching::eval::summary::EULER_STEPS;
 use flowmatching::experiments::couplings::{Results, Variant};
 
@@ -18,13 +19,8 @@ pub fn write_figures(
     for (name, s) in sets {
         let mut all: Vec<&[f32]> = vec![refs];
         all.extend(s.iter().map(Vec::as_slice));
-        plot::histograms(
-            &out.join(format!("samples-{name}.png")),
-            &all,
-            2,
-            plot::window(refs),
-            80,
-        )?;
+        let png = plot::histograms(&all, 2, plot::window(refs), 80)?;
+        write_atomic(&out.join(format!("samples-{name}.png")), &png)?;
     }
     let series: Vec<Series> = r
         .variants
@@ -39,15 +35,15 @@ pub fn write_figures(
                 .collect(),
         })
         .collect();
-    plot::line_plot(
-        &out.join("few-step.png"),
+    let png = plot::line_plot(
         "energy distance to the data after k Euler steps",
         "Euler steps (NFE)",
         "energy distance",
         &series,
         true,
         true,
-    )
+    )?;
+    Ok(write_atomic(&out.join("few-step.png"), &png)?)
 }
 
 pub fn report(r: &Results, checker: bool) -> String {

@@ -67,6 +67,7 @@ impl Classifier {
             rng,
             device: device.clone(),
             dtype: DType::F32,
+            budget: None,
         };
         let mut b = Builder::new(&mut params, &mut init);
         b.conv("conv1", config.channels, 32, 3)?;
@@ -150,6 +151,11 @@ impl Classifier {
 
     /// Saves weights and shape in one safetensors file (the shape as the tensor `config`), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        crate::checkpoint::write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// The file [`Classifier::save`] writes, as bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let c = self.config;
         let mut t: HashMap<String, Tensor> = HashMap::new();
         for name in ["conv1", "conv2", "fc", "head"] {
@@ -160,8 +166,7 @@ impl Classifier {
         }
         let shape = [c.channels, c.height, c.width, c.num_classes].map(|v| v as u32);
         t.insert("config".into(), Tensor::new(&shape, &Device::Cpu)?);
-        crate::checkpoint::save_tensors(&t, path)?;
-        Ok(())
+        crate::checkpoint::tensor_bytes(&t)
     }
 
     /// Loads a file written by [`Classifier::save`].
@@ -278,6 +283,7 @@ pub fn train_classifier(
                 return Err(Error::NonFinite {
                     step: step as u64,
                     what: "the classifier loss".into(),
+                    advice: "lower the learning rate (--lr)".into(),
                 });
             }
             let grads = loss.backward()?;

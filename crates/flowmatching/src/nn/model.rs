@@ -25,11 +25,24 @@ pub enum ModelConfig {
 impl ModelConfig {
     /// Builds the model with fresh parameters drawn from `rng`.
     pub fn build(&self, rng: &mut Rng, device: &Device, dtype: DType) -> Result<(Model, Params)> {
+        self.build_within(rng, device, dtype, None)
+    }
+
+    /// [`ModelConfig::build`] that fails, before allocating more, once the parameters would exceed
+    /// `max_values` values (the size of the weights about to be loaded into it).
+    pub fn build_within(
+        &self,
+        rng: &mut Rng,
+        device: &Device,
+        dtype: DType,
+        max_values: Option<usize>,
+    ) -> Result<(Model, Params)> {
         let mut params = Params::default();
         let mut init = Init {
             rng,
             device: device.clone(),
             dtype,
+            budget: max_values,
         };
         let model = match self {
             ModelConfig::Mlp(c) => Model::Mlp(Mlp::new(*c, &mut params, &mut init)?),
@@ -52,33 +65,71 @@ impl ModelConfig {
     /// Checks the shape and that the model is not absurdly large (a corrupt or hostile config must not
     /// make the program try to allocate terabytes).
     pub fn validate(&self) -> Result<()> {
-        let too_big = |n: u128| {
-            Err(Error::Config(format!(
+        match self {
+            ModelConfig::Mlp(c) => c.validate()?,
+            ModelConfig::UNet(c) => c.validate()?,
+        }
+        let n = self.approx_params();
+        if n > Self::MAX_PARAMS || self.dim() as u128 > Self::MAX_PARAMS {
+            return Err(Error::Config(format!(
                 "the model would have about {n} parameters, more than this build allows ({})",
                 Self::MAX_PARAMS
-            )))
-        };
-        match self {
-            ModelConfig::Mlp(c) => {
-                c.validate()?;
-                let (d, h, k) = (c.dim as u128, c.hidden as u128, c.depth as u128);
-                let n = (d + c.time_features() as u128 + 1) * h + k * (h + 1) * h + (h + 1) * d;
-                if n > Self::MAX_PARAMS {
-                    return too_big(n);
-                }
-            }
-            ModelConfig::UNet(c) => {
-                c.validate()?;
-                let widest = c.channel_mults.iter().max().copied().unwrap_or(1) as u128;
-                let ch = c.base_channels as u128 * widest;
-                let blocks = (c.channel_mults.len() as u128) * (2 * c.res_blocks as u128 + 1) + 2;
-                let n = blocks * 3 * 9 * ch * ch + (c.num_classes as u128 + 1) * 4 * ch;
-                if n > Self::MAX_PARAMS || c.dim() as u128 > Self::MAX_PARAMS {
-                    return too_big(n);
-                }
-            }
+            )));
         }
         Ok(())
+    }
+
+    /// The number of parameters: exact for the MLP, an upper estimate for the U-Net (every block at
+    /// the widest level's width). Computed from the config alone, before anything is allocated.
+    pub fn approx_params(&self) -> u128 {
+        match self {
+            // Saturating: a hostile config's sizes must give a huge count, not an overflow.
+            ModelConfig::Mlp(c) => {
+                let (d, h, k) = (c.dim as u128, c.hidden as u128, c.depth as u128);
+                let tf = c.time_features() as u128;
+                let first = (d + tf + 1).saturating_mul(h);
+                let hidden = k.saturating_mul(h + 1).saturating_mul(h);
+                first
+                    .saturating_add(hidden)
+                    .saturating_add((h + 1).saturating_mul(d))
+            }
+            ModelConfig::UNet(c) => {
+                let widest = c.channel_mults.iter().max().copied().unwrap_or(1) as u128;
+                let ch = (c.base_channels as u128).saturating_mul(widest);
+                let blocks = (c.channel_mults.len() as u128)
+                    .saturating_mul(2 * c.res_blocks as u128 + 1)
+                    .saturating_add(2);
+                let convs = blocks
+                    .saturating_mul(27)
+                    .saturating_mul(ch.saturating_mul(ch));
+                convs.saturating_add((c.num_classes as u128 + 1).saturating_mul(4 * ch))
+            }
+        }
+    }
+
+    /// A generous estimate of the bytes one sample's forward and backward pass keeps alive (f32
+    /// activations, their gradients and attention matrices), for bounding memory before a run
+    /// allocates it. Inference needs less.
+    pub fn activation_bytes_per_sample(&self) -> u128 {
+        match self {
+            ModelConfig::Mlp(c) => {
+                let width = (c.hidden as u128) * (c.depth as u128 + 1);
+                4 * 6 * (width + c.dim as u128 + c.time_features() as u128)
+            }
+            ModelConfig::UNet(c) => {
+                let blocks = 2 * c.res_blocks as u128 + 1;
+                let mut total = 0u128;
+                for (l, &m) in c.channel_mults.iter().enumerate() {
+                    let (h, w) = ((c.height >> l) as u128, (c.width >> l) as u128);
+                    let ch = (c.base_channels * m) as u128;
+                    total += 2 * blocks * 12 * ch * h * w;
+                    if c.attention_resolutions.contains(&(c.height >> l)) {
+                        total += blocks * 3 * c.heads as u128 * (h * w) * (h * w);
+                    }
+                }
+                4 * total
+            }
+        }
     }
 
     /// Classes the model is conditioned on (0: unconditional).

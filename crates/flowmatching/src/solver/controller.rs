@@ -274,7 +274,16 @@ impl Controller {
                         *h = remaining;
                     }
                     if h.abs() < control.min_step {
-                        return Err((k, "the step size fell below the minimum step", *h));
+                        // float32 states carry ~1e-7 relative rounding: an error estimate asked to be
+                        // smaller than that is rounding noise and the steps shrink without end.
+                        let reason = if control.rtol < 1e-6 && control.atol < 1e-6 {
+                            "the step size fell below the minimum step: rtol and atol are below \
+                             float32 precision (~1e-7), so the error estimate cannot meet them; use \
+                             tolerances of 1e-6 or more"
+                        } else {
+                            "the step size fell below the minimum step"
+                        };
+                        return Err((k, reason, *h));
                     }
                     if attempts[k] >= control.max_steps {
                         return Err((k, "the maximum number of steps was reached", *h));

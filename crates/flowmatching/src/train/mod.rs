@@ -208,6 +208,29 @@ enum Engine {
     },
 }
 
+/// The error of a step whose `what` is not finite, with advice that fits the run's settings.
+fn diverged(c: TrainConfig, step: u64, what: &str) -> Error {
+    let lr = c.optimizer.lr;
+    let advice = match c.grad_clip {
+        Some(max) => format!(
+            "lower the learning rate (now {lr:e}); gradient clipping is already on (norm {max})"
+        ),
+        None => format!(
+            "lower the learning rate (now {lr:e}) or clip the gradient norm (--grad-clip 1)"
+        ),
+    };
+    let advice = if step <= 1 {
+        format!("{advice}, and check that the data are of a reasonable scale")
+    } else {
+        advice
+    };
+    Error::NonFinite {
+        step,
+        what: what.into(),
+        advice,
+    }
+}
+
 /// Owns the model, optimizer, EMA and random streams of one run.
 #[derive(Debug)]
 pub struct Trainer {
@@ -462,10 +485,7 @@ impl Trainer {
                 )?;
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
-                    return Err(Error::NonFinite {
-                        step,
-                        what: "the loss".into(),
-                    });
+                    return Err(diverged(c, step, "the loss"));
                 }
                 let grads = loss.backward()?;
                 let g = self
@@ -480,10 +500,7 @@ impl Trainer {
                 let mut g = flatten(g)?;
                 if let Some(max) = c.grad_clip {
                     if !clip_flat(&mut g, max)?.is_finite() {
-                        return Err(Error::NonFinite {
-                            step,
-                            what: "the gradient norm".into(),
-                        });
+                        return Err(diverged(c, step, "the gradient norm"));
                     }
                 }
                 let theta = opt.step_flat(&self.params, &g, lr)?;
@@ -508,20 +525,14 @@ impl Trainer {
                     .map(|w| w.iter().map(|&w| w as f32).collect());
                 let value = mlp.mse_backward(&target, w32.as_deref());
                 if !value.is_finite() {
-                    return Err(Error::NonFinite {
-                        step,
-                        what: "the loss".into(),
-                    });
+                    return Err(diverged(c, step, "the loss"));
                 }
                 let norm = match c.grad_clip {
                     Some(max) => mlp.clip(max),
                     None => 0.0,
                 };
                 if !norm.is_finite() {
-                    return Err(Error::NonFinite {
-                        step,
-                        what: "the gradient norm".into(),
-                    });
+                    return Err(diverged(c, step, "the gradient norm"));
                 }
                 let mlp = &mut **mlp;
                 opt.step(&mut mlp.params, &mlp.grads, lr);
