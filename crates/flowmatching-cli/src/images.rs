@@ -184,7 +184,9 @@ pub fn image_folder(dir: &Path, size: Option<usize>) -> Result<(TensorDataset, V
         bail!("{}: no .png or .jpg images found", dir.display());
     }
     if let Some(s) = size {
-        let need = 2 * 4 * 3 * (files.len() as u128) * (s as u128) * (s as u128);
+        let need = (24 * files.len() as u128)
+            .saturating_mul(s as u128)
+            .saturating_mul(s as u128);
         crate::memory::check(
             need,
             &format!("{} images of {s} x {s}", files.len()),

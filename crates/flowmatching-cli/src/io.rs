@@ -302,6 +302,14 @@ fn npy_set(path: &Path, spec: &str) -> Result<TensorDataset> {
     })
 }
 
+/// The folders of `dir` and above it that do not exist yet, deepest first (what creating it makes).
+pub fn missing_folders(dir: &Path) -> Vec<std::path::PathBuf> {
+    dir.ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
 /// Creates the output folder, failing clearly when it cannot be written.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)

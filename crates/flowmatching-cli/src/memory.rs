@@ -43,34 +43,51 @@ pub fn check(need: u128, what: &str, advice: &str) -> Result<()> {
     Ok(())
 }
 
-/// Training `config`: weights, gradients, EMA and the two AdamW moments; a batch's activations; the
-/// cost matrix of an OT or Sinkhorn coupling.
-pub fn training_bytes(config: &RunConfig) -> u128 {
+/// Training `config`: weights, gradients, EMA and the two AdamW moments; a batch's activations (on the
+/// host only when the model runs on the CPU); the cost matrix of an OT or Sinkhorn coupling.
+pub fn training_bytes(config: &RunConfig, on_cpu: bool) -> u128 {
     let m = &config.model;
     let batch = config.train.batch_size as u128;
-    let params = 6 * F32 * m.approx_params();
-    let data = 8 * F32 * batch * m.dim() as u128;
+    let params = (6 * F32).saturating_mul(m.approx_params());
+    let data = (8 * F32 * m.dim() as u128).saturating_mul(batch);
     let coupling = match config.train.coupling {
         Coupling::Independent => 0,
-        _ => 3 * 8 * batch * batch,
+        _ => (3 * 8 * batch).saturating_mul(batch),
     };
-    params + data + batch * m.activation_bytes_per_sample() + coupling
+    let activations = if on_cpu {
+        batch.saturating_mul(m.activation_bytes_per_sample())
+    } else {
+        0
+    };
+    params
+        .saturating_add(data)
+        .saturating_add(coupling)
+        .saturating_add(activations)
 }
 
 /// Integrating `n` samples of `model`, `batch` at a time (`stages`: solver states kept per step), plus
-/// `frames` recorded states of every sample.
+/// `frames` recorded states of every sample; network activations on the host only when the model
+/// runs on the CPU.
 pub fn sampling_bytes(
     model: &ModelConfig,
     n: usize,
     batch: usize,
     stages: usize,
     frames: usize,
+    on_cpu: bool,
 ) -> u128 {
     let dim = model.dim() as u128;
     let batch = batch.min(n) as u128;
-    let outputs = 3 * F32 * n as u128 * dim * (1 + 2 * frames as u128);
-    let states = F32 * batch * dim * (stages as u128 + 4);
-    outputs + states + batch * model.activation_bytes_per_sample() / 2
+    let outputs = (3 * F32 * dim)
+        .saturating_mul(n as u128)
+        .saturating_mul(1 + 2 * frames as u128);
+    let states = (F32 * dim * (stages as u128 + 4)).saturating_mul(batch);
+    let activations = if on_cpu {
+        batch.saturating_mul(model.inference_bytes_per_sample())
+    } else {
+        0
+    };
+    outputs.saturating_add(states).saturating_add(activations)
 }
 
 /// Bytes as a person reads them (1.5 GB, 20 TB, ...).
@@ -117,7 +134,8 @@ fn address_space_left() -> Option<u128> {
     Some((lim.rlim_cur as u128).saturating_sub(used))
 }
 
-/// cgroup v2: memory.max less memory.current, for this process's cgroup.
+/// cgroup v2: memory.max less what the cgroup uses, its reclaimable page cache (inactive_file of
+/// memory.stat) not counted, for this process's cgroup.
 fn cgroup_left() -> Option<u128> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
@@ -125,7 +143,14 @@ fn cgroup_left() -> Option<u128> {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let max: u128 = read("memory.max")?.trim().parse().ok()?;
     let current: u128 = read("memory.current")?.trim().parse().ok()?;
-    Some(max.saturating_sub(current))
+    let cache: u128 = read("memory.stat")
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("inactive_file "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    Some(max.saturating_sub(current.saturating_sub(cache)))
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ struct Planned {
 pub struct Outputs {
     /// Files the command reads (canonical paths) and what they are.
     inputs: Vec<(PathBuf, String)>,
+    /// Folders the command reads (a folder of images, Fashion-MNIST's): no output may go inside.
+    input_folders: Vec<(PathBuf, String)>,
     planned: Vec<Planned>,
     /// Temporary files written, with their targets.
     staged: Vec<(PathBuf, PathBuf)>,
@@ -47,24 +49,61 @@ impl Outputs {
         }
     }
 
-    /// Registers `--data`-like specs that name a file (built-in set names are not files).
-    pub fn data(&mut self, spec: &str, flag: &str) {
-        self.input(Path::new(spec), &format!("the {flag} file"));
+    /// Registers a folder the command reads: outputs inside it are refused.
+    pub fn input_folder(&mut self, path: &Path, what: &str) {
+        if let Ok(p) = std::fs::canonicalize(path) {
+            if p.is_dir() {
+                self.input_folders.push((p, what.to_string()));
+            }
+        }
     }
 
-    /// Registers the files of the checkpoint at `path` (a folder or its checkpoint.json): the JSON and
-    /// every tensor file beside it.
+    /// Registers `--data`-like specs that name a file or a folder of images (built-in set names are
+    /// neither).
+    pub fn data(&mut self, spec: &str, flag: &str) {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            self.input_folder(path, &format!("inside the {flag} folder"));
+        } else {
+            self.input(path, &format!("the {flag} file"));
+        }
+    }
+
+    /// Registers `--data-dir` (Fashion-MNIST's folder), given or the default one.
+    pub fn data_dir(&mut self, dir: Option<&Path>) {
+        let d = dir.unwrap_or(Path::new(crate::images::FASHION_DIR));
+        self.input_folder(d, "inside the Fashion-MNIST folder (--data-dir)");
+    }
+
+    /// Registers the files of the checkpoint at `path` (a folder or its checkpoint.json): the JSON, the
+    /// tensor file it names and every other tensor file beside it.
     pub fn checkpoint(&mut self, path: &Path) {
         let dir = if path.is_dir() {
             path.to_path_buf()
         } else {
-            path.parent().map(Path::to_path_buf).unwrap_or_default()
+            match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            }
         };
-        self.input(&dir.join(META_FILE), "a file of the checkpoint being read");
+        let what = "a file of the checkpoint being read";
+        let meta = if path.is_dir() {
+            dir.join(META_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        self.input(&meta, what);
+        let named = std::fs::read(&meta)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["weights_file"].as_str().map(String::from));
+        if let Some(w) = named {
+            self.input(&dir.join(w), what);
+        }
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.ends_with(".safetensors") {
-                self.input(&e.path(), "a file of the checkpoint being read");
+                self.input(&e.path(), what);
             }
         }
     }
@@ -79,6 +118,26 @@ impl Outputs {
                  Choose another file",
                 path.display()
             );
+        }
+        if let Some((_, what)) = self
+            .input_folders
+            .iter()
+            .find(|(d, _)| target.starts_with(d))
+        {
+            bail!(
+                "{flag} {} is {what}, an input of this command; an output there would change the \
+                 input. Choose another place",
+                path.display()
+            );
+        }
+        if let Some(a) = target.ancestors().skip(1).find(|a| a.exists()) {
+            if !a.is_dir() {
+                bail!(
+                    "{flag} {}: {} is a file, not a folder",
+                    path.display(),
+                    a.display()
+                );
+            }
         }
         if let Some(other) = self.planned.iter().find(|p| p.target == target) {
             bail!(

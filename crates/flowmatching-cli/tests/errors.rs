@@ -844,6 +844,34 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "must be a finite number",
             &[&out],
         ),
+        case(
+            "E69",
+            &[
+                "classifier",
+                "train",
+                "--data-dir",
+                &s(&fashion),
+                "--out",
+                &s(&fashion.join("clf.safetensors")),
+            ],
+            "inside the Fashion-MNIST folder",
+            &[&fashion.join("clf.safetensors")],
+        ),
+        case(
+            "E70",
+            &[
+                "train",
+                "--data",
+                &s(&three),
+                "--steps",
+                "5",
+                "--resume",
+                "--out",
+                &g,
+            ],
+            "where the checkpoint's model takes 2-dimensional points",
+            &[],
+        ),
     ]
 }
 

@@ -18,7 +18,7 @@ use flowmatching::train::Trainer;
 use crate::cli::{AblateArgs, Preset};
 
 use crate::report::ablation::{figures, file_name, paths, picture, write_report};
-use crate::{io, plot, progress};
+use crate::{io, memory, plot, progress};
 
 /// The preset's sizes with the command line's overrides.
 fn sizes(a: &AblateArgs, image: bool) -> Result<Sizes> {
@@ -201,6 +201,35 @@ pub fn run(a: &AblateArgs) -> Result<()> {
     }
     let model_config = ablation::network(&s, image);
     model_config.validate()?;
+    let probe = flowmatching::train::RunConfig::new(
+        model_config.clone(),
+        Default::default(),
+        flowmatching::train::TrainConfig {
+            batch_size: s.batch,
+            ..Default::default()
+        },
+        a.data.clone(),
+    );
+    let n = s
+        .samples
+        .max(s.nfe_samples)
+        .max(s.nll_points)
+        .max(s.error_points);
+    let eval_batch = if s.eval_batch == 0 { n } else { s.eval_batch };
+    let cpu = device.is_cpu();
+    let need = memory::training_bytes(&probe, cpu).saturating_add(memory::sampling_bytes(
+        &model_config,
+        n,
+        eval_batch,
+        7,
+        1,
+        cpu,
+    ));
+    memory::check(
+        need,
+        "the ablation",
+        "lower --num-samples or --base-channels, or choose a smaller --preset",
+    )?;
     let quality = quality(a, data.as_ref(), &s, &device)?;
     // Held-out points for the likelihood: fresh 2-D draws, or dequantized reference images.
     let held_out = match image {

@@ -22,6 +22,7 @@ fn train(a: &crate::cli::ClassifierTrainArgs) -> Result<()> {
     if let Some(t) = &a.test_data {
         outs.data(t, "--test-data");
     }
+    outs.data_dir(a.images.data_dir.as_deref());
     outs.declare(&a.out, "--out")?;
     let opts = a.images.options();
     let data = io::open_image_set(&a.data, &opts)?;

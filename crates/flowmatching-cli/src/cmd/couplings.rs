@@ -11,7 +11,7 @@ use flowmatching::train::Trainer;
 
 use crate::cli::CouplingsArgs;
 use crate::report::couplings::{report, write_figures};
-use crate::{io, progress};
+use crate::{io, memory, progress};
 
 /// Progress bars, a checkpoint per variant, and the sample sets for the figures.
 struct Reporter<'a> {
@@ -66,6 +66,17 @@ pub fn run(a: &CouplingsArgs) -> Result<()> {
     }
     let data = io::open_data(&a.data)?;
     let source = a.source.as_deref().map(io::open_data).transpose()?;
+    // The largest minibatch's cost matrices (OT's, and Sinkhorn's cost, kernel and plan), and the
+    // point sets kept for evaluation and reflow.
+    let b = a.batch_size.max(4096) as u128;
+    let points = (4 * 4 * data.dim() as u128)
+        .saturating_mul((a.pairs as u128).saturating_add(8 * a.num_samples as u128));
+    let need = (4 * 8 * b).saturating_mul(b).saturating_add(points);
+    memory::check(
+        need,
+        "the couplings study",
+        "lower --batch-size, --pairs or --num-samples",
+    )?;
     let config = CouplingsConfig {
         data: a.data.clone(),
         source: a.source.clone(),

@@ -63,8 +63,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let data = Toy2d::Checkerboard;
     let config = demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr);
     config.validate()?;
-    let need = memory::training_bytes(&config)
-        + 3 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 2, 0);
+    let need = memory::training_bytes(&config, true).saturating_add(
+        3 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 2, 0, true),
+    );
     memory::check(
         need,
         "the demo",

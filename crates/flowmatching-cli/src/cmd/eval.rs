@@ -37,8 +37,14 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     }
     // The reference, and the samples of each Euler budget and the adaptive solve.
     let sets = 2 + flowmatching::eval::summary::EULER_STEPS.len();
-    let need =
-        sets as u128 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 7, 0);
+    let need = (sets as u128).saturating_mul(memory::sampling_bytes(
+        &config.model,
+        a.num_samples,
+        a.num_samples,
+        7,
+        0,
+        true,
+    ));
     memory::check(need, "the evaluation", "lower --num-samples")?;
     let refs = reference(&spec, a.num_samples, a.seed)?;
     if refs.len() != a.num_samples * config.model.dim() {

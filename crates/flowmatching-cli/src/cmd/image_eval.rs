@@ -93,11 +93,18 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
         eprintln!("note: the model is unconditional; evaluating it without guidance");
     }
     let clf = load_classifier(&a.classifier, shape, &device)?;
-    let weights: Vec<Option<f64>> = if k == 0 {
+    let mut weights: Vec<Option<f64>> = if k == 0 {
         vec![None]
     } else {
         a.guidance.iter().map(|&w| Some(w)).collect()
     };
+    // A weight listed twice ("1,1.0") is evaluated once.
+    let mut seen = vec![];
+    weights.retain(|w| {
+        let fresh = !seen.contains(w);
+        seen.push(*w);
+        fresh
+    });
     let grid_name = |w: Option<f64>| match w {
         Some(w) => format!("samples-w{w}.png"),
         None => "samples.png".into(),
@@ -107,6 +114,7 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
     outs.input(&a.classifier, "the --classifier file");
     outs.data(&a.train_data, "--train-data");
     outs.data(&a.test_data, "--test-data");
+    outs.data_dir(a.images.data_dir.as_deref());
     let names = [
         "gaussian.png".to_string(),
         "results.json".into(),

@@ -60,6 +60,7 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
     let mut outs = Outputs::new();
     outs.checkpoint(&a.checkpoint);
     outs.data(&a.data, "--data");
+    outs.data_dir(a.images.data_dir.as_deref());
     if let Some(out) = &a.out {
         outs.declare(out, "--out")?;
     }
@@ -72,7 +73,7 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
     let images = config.model.image_shape().is_some();
     if flowmatching::data::Toy2d::from_name(&a.data).is_some() {
         let n = a.num_samples.unwrap_or(10_000);
-        let need = memory::sampling_bytes(&config.model, n, 1, 0, 0);
+        let need = memory::sampling_bytes(&config.model, n, 1, 0, 0, device.is_cpu());
         memory::check(need, "the data points", "lower --num-samples")?;
     }
     let (rows, dim) = if images {
@@ -99,8 +100,16 @@ pub fn run(a: &LikelihoodArgs) -> Result<()> {
     let n = rows.len() / dim;
     let batch = a.batch_size.min(n);
     let vectors = 8 + a.hutchinson.unwrap_or(1) as u128;
-    let need = 4 * (batch * dim) as u128 * vectors
-        + batch as u128 * config.model.activation_bytes_per_sample();
+    let activations = if device.is_cpu() {
+        config.model.activation_bytes_per_sample()
+    } else {
+        0
+    };
+    // Per point: the state and probe vectors, and what a backward pass through the network keeps.
+    let per_point = (4 * dim as u128)
+        .saturating_mul(vectors)
+        .saturating_add(activations);
+    let need = per_point.saturating_mul(batch as u128);
     memory::check(
         need,
         "one likelihood solve",

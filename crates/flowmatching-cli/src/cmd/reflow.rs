@@ -32,8 +32,8 @@ pub fn run(a: &ReflowArgs) -> Result<()> {
     let described = format!("reflow pairs of {}", a.checkpoint.display());
     let config = next_config(&ckpt.meta.config, described, steps);
     config.validate()?;
-    let need = memory::sampling_bytes(&config.model, a.pairs, a.pairs, 2, 1)
-        + memory::training_bytes(&config);
+    let need = memory::sampling_bytes(&config.model, a.pairs, a.pairs, 2, 1, true)
+        .saturating_add(memory::training_bytes(&config, true));
     memory::check(need, "the reflow pairs and training", "lower --pairs")?;
     let start = Instant::now();
     let model = ckpt.model(&Device::Cpu, true)?;

@@ -130,7 +130,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     let config = &ckpt.meta.config;
     let dim = config.model.dim();
     let frames = if a.trajectory { TRAJECTORY_POINTS } else { 0 };
-    let need = |n| memory::sampling_bytes(&config.model, n, n, kind.stages() + 1, frames);
+    let cpu = device.is_cpu();
+    let need = |n| memory::sampling_bytes(&config.model, n, n, kind.stages() + 1, frames, cpu);
     let x0 = match &a.x0 {
         Some(file) => start_points(file, dim)?,
         None => {
@@ -243,7 +244,9 @@ fn run_images(
             })
         })
         .transpose()?;
-    let need = memory::sampling_bytes(&config.model, a.num_samples, a.batch, kind.stages() + 1, 0);
+    let stages = kind.stages() + 1;
+    let cpu = device.is_cpu();
+    let need = memory::sampling_bytes(&config.model, a.num_samples, a.batch, stages, 0, cpu);
     memory::check(need, "sampling", "lower --num-samples or --batch")?;
     let opts = SolveOptions::with_control(control);
     let start = Instant::now();

@@ -27,15 +27,18 @@ pub fn run(a: &SolversArgs) -> Result<()> {
     if a.num_samples < 2 {
         bail!("--num-samples must be at least 2");
     }
+    let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
+    let config = &ckpt.meta.config;
     let mut outs = Outputs::new();
     outs.checkpoint(&a.checkpoint);
     outs.data(&a.data, "--data");
+    if let Some(source) = &config.source {
+        outs.data(source, "source");
+    }
     if let Some(out) = &a.out {
         outs.declare(out, "--out")?;
     }
-    let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
-    let config = &ckpt.meta.config;
-    let need = 2 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 7, 0);
+    let need = 2 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 7, 0, true);
     memory::check(need, "the solver comparison", "lower --num-samples")?;
     let model = ckpt.model(&Device::Cpu, true)?;
     let (reference, dim) = io::points(&a.data, Some(a.num_samples), a.seed + 1)?;

@@ -109,7 +109,6 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
 /// checkpoint.json's config). Flags not listed here may change on `--resume`: --steps (the new total),
 /// --checkpoint-every, --max-minutes, --device, --tf32 and the data-loading options.
 const CONFIG_FLAGS: [(&str, &[&str]); 22] = [
-    ("data", &["/data"]),
     ("source", &["/source"]),
     ("batch_size", &["/train/batch_size"]),
     ("lr", &["/train/optimizer/lr"]),
@@ -129,18 +128,60 @@ const CONFIG_FLAGS: [(&str, &[&str]); 22] = [
     ("path", &["/path/kind"]),
     ("sigma_min", &["/path/sigma_min"]),
     ("model", &["/model/kind"]),
-    ("unet", &["/model/base_channels", "/model/channel_mults"]),
+    (
+        "unet",
+        &[
+            "/model/channel_mults",
+            "/model/res_blocks",
+            "/model/attention_resolutions",
+            "/model/heads",
+            "/model/groups",
+        ],
+    ),
     ("base_channels", &["/model/base_channels"]),
+    ("unconditional", &["/model/num_classes"]),
 ];
+
+/// Whether `--data` names the data the checkpoint was trained on: the same built-in set, or the same
+/// file however it is spelt.
+fn same_data(given: &str, saved: &str) -> bool {
+    match (std::fs::canonicalize(given), std::fs::canonicalize(saved)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => given == saved,
+    }
+}
 
 /// `--resume` with flags that contradict the checkpoint: refused, naming each (a resumed run keeps its
 /// configuration, so a silently ignored flag would train something other than what was asked).
-fn check_resume_flags(a: &TrainArgs, saved: &RunConfig, data: &dyn DataSource) -> Result<()> {
+fn check_resume_flags(
+    a: &TrainArgs,
+    saved_config: &RunConfig,
+    data: &dyn DataSource,
+) -> Result<()> {
     let wanted = serde_json::to_value(config_from_args(a, data)?)?;
-    let saved = serde_json::to_value(saved)?;
+    let saved = serde_json::to_value(saved_config)?;
     let mut conflicts = vec![];
+    if !same_data(&a.data, &saved_config.data) {
+        conflicts.push(format!(
+            "--data gives \"{}\" where the checkpoint has \"{}\"",
+            a.data, saved_config.data
+        ));
+    }
+    let (dim, shape) = (data.dim(), data.image_shape());
+    if dim != saved_config.model.dim() || shape != saved_config.model.image_shape() {
+        conflicts.push(format!(
+            "the data are {} where the checkpoint's model takes {}",
+            shape.map_or(format!("{dim}-dimensional points"), |s| format!(
+                "{s:?} images"
+            )),
+            saved_config.model.image_shape().map_or(
+                format!("{}-dimensional points", saved_config.model.dim()),
+                |s| format!("{s:?} images")
+            )
+        ));
+    }
     for (flag, pointers) in CONFIG_FLAGS {
-        if flag != "data" && !a.given.iter().any(|g| g == flag) {
+        if !a.given.iter().any(|g| g == flag) {
             continue;
         }
         for p in pointers {
@@ -177,7 +218,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         check_resume_flags(a, &ckpt.meta.config, data.as_ref())?;
         ckpt.check_architecture(&device)?;
         memory::check(
-            memory::training_bytes(&ckpt.meta.config),
+            memory::training_bytes(&ckpt.meta.config, device.is_cpu()),
             "resuming this checkpoint",
             "a resumed run keeps its batch size and model, so resume it on a machine \
              with more memory",
@@ -202,7 +243,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         let config = config_from_args(a, data.as_ref())?;
         config.validate()?;
         memory::check(
-            memory::training_bytes(&config),
+            memory::training_bytes(&config, device.is_cpu()),
             "training (weights, optimizer state and one batch's activations)",
             "lower --batch-size, or the model's size (--hidden, --depth, --base-channels)",
         )?;
@@ -229,7 +270,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if let Some(m) = a.max_minutes.filter(|m| *m <= 0.0) {
         bail!("--max-minutes must be positive, got {m}");
     }
-    let created = !a.out.exists();
+    let created = io::missing_folders(&a.out);
     io::ensure_dir(&a.out)?;
     let result = (|| {
         let _lock = lock_folder(&a.out)?;
@@ -245,9 +286,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         report_done(&trainer, &o, &a.out);
         Ok(())
     })();
-    if result.is_err() && created {
-        // Nothing was saved into the folder this run made (a saved checkpoint keeps it).
-        let _ = std::fs::remove_dir(&a.out);
+    if result.is_err() {
+        // The folders this run made, if nothing was saved into them (a saved checkpoint keeps them).
+        for d in created {
+            let _ = std::fs::remove_dir(d);
+        }
     }
     result
 }

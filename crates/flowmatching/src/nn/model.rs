@@ -107,9 +107,31 @@ impl ModelConfig {
         }
     }
 
+    /// An estimate of the bytes one sample's forward pass without gradients keeps alive at its peak
+    /// (the widest level's few live feature maps and its attention matrices). Measured peak resident
+    /// memory of `sample` with the `tiny` U-Net at 28 x 28: 1.5 MB per sample; this gives 1.6 MB.
+    pub fn inference_bytes_per_sample(&self) -> u128 {
+        match self {
+            ModelConfig::Mlp(c) => 4 * 4 * (c.hidden as u128 + c.dim as u128 + 32),
+            ModelConfig::UNet(c) => {
+                let mut peak = 0u128;
+                for (l, &m) in c.channel_mults.iter().enumerate() {
+                    let (h, w) = ((c.height >> l) as u128, (c.width >> l) as u128);
+                    let mut level = 16 * (c.base_channels * m) as u128 * h * w;
+                    if c.attention_resolutions.contains(&(c.height >> l)) {
+                        level += 2 * c.heads as u128 * (h * w) * (h * w);
+                    }
+                    peak = peak.max(level);
+                }
+                4 * peak
+            }
+        }
+    }
+
     /// A generous estimate of the bytes one sample's forward and backward pass keeps alive (f32
     /// activations, their gradients and attention matrices), for bounding memory before a run
-    /// allocates it. Inference needs less.
+    /// allocates it. Inference needs less. Measured (peak resident memory of `train` against the
+    /// batch, 28 x 28 images): `tiny` 7.5 MB per sample (estimate 11.9), `small` 50.7 MB (58.6).
     pub fn activation_bytes_per_sample(&self) -> u128 {
         match self {
             ModelConfig::Mlp(c) => {
@@ -124,7 +146,7 @@ impl ModelConfig {
                     let ch = (c.base_channels * m) as u128;
                     total += 2 * blocks * 12 * ch * h * w;
                     if c.attention_resolutions.contains(&(c.height >> l)) {
-                        total += blocks * 3 * c.heads as u128 * (h * w) * (h * w);
+                        total += blocks * 6 * c.heads as u128 * (h * w) * (h * w);
                     }
                 }
                 4 * total
