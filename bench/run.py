@@ -1,7 +1,7 @@
 """Runs our benchmarks and the PyTorch peers' side by side, interleaved (A B A B ...), and prints medians
 and the ratio peer / ours (above 1: we are faster).
 
-Usage (after ./setup.sh):  .venv/bin/python run.py [--rounds 3] [--workloads b1 b2 b3-midpoint ...]
+Usage (after ./setup.sh):  .venv/bin/python run.py [--rounds 3] [--workloads b1 b2 b3-midpoint ... ot]
 It builds `flowmatching` in release mode, trains the B1 model once (bench/out/b1-model) for the sampling
 and likelihood workloads, and writes bench/out/results.json and bench/out/results.md.
 """
@@ -50,6 +50,21 @@ EQUAL_ERROR = {
     "b4-equal-error": ("b4", ["--tol", "1e-4"]),
 }
 PEER_UNET = [sys.executable, str(HERE / "peer_unet.py")]
+# Exact minibatch OT (`ot`): (batch, dimension) -> (iterations per process, warm-up iterations); x0 ~
+# N(0, I), x1 ~ U(-4, 4)^d, the same float32 points for both sides (bench/out/ot-nN-dD.f32).
+OT = {(256, 2): (20, 3), (1024, 2): (5, 1), (4096, 2): (2, 0), (1024, 784): (5, 1)}
+
+
+def ot_points(n, d):
+    """Writes the points of one OT problem once; returns the file."""
+    import numpy as np
+    path = OUT / f"ot-n{n}-d{d}.f32"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        x0 = rng.normal(size=(n, d))
+        x1 = rng.uniform(-4, 4, size=(n, d))
+        np.stack([x0, x1]).astype("<f4").tofile(path)
+    return path
 SCALING = [("step", h, b) for h in (64, 256, 1024) for b in (256, 4096, 16384)]
 
 
@@ -82,18 +97,22 @@ def ensure_model():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS) + ["ot"])
     ap.add_argument("--scaling", action="store_true", help="also the B1 step at several widths and batches")
     a = ap.parse_args()
     build()
     if any(w.startswith(("b3", "b4")) for w in a.workloads):
         ensure_model()
-    jobs = [(w, [], *WORKLOADS[w]) for w in a.workloads]
+    jobs = [(w, [], *WORKLOADS[w]) for w in a.workloads if w != "ot"]
+    if "ot" in a.workloads:
+        for (n, d), (iters, warmup) in OT.items():
+            points = ["--batch", str(n), "--dim", str(d), "--points", str(ot_points(n, d))]
+            jobs.append((f"ot-n{n}-d{d}", points, iters, warmup))
     if a.scaling:
         jobs += [(f"step-h{h}-b{b}", ["--hidden", str(h), "--batch", str(b)], 3, 1) for (_, h, b) in SCALING]
     results = []
     for name, extra, iters, warmup in jobs:
-        kind = "step" if name.startswith("step") else name
+        kind = "step" if name.startswith("step") else "ot" if name.startswith("ot-") else name
         if name in UNET_CPU:
             kind, extra = UNET_CPU[name]
         ours_only = []
@@ -118,6 +137,10 @@ def main():
                "round_ratio_min": min(rounds), "round_ratio_max": max(rounds),
                "ours_gflops": ours[-1].get("gflops"), "peer_gflops": peer[-1].get("gflops"),
                "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"]}
+        if name.startswith("ot-"):
+            row.update({"ours_cost": ours[-1]["cost"], "peer_cost": peer[-1]["cost"],
+                        "ours_certified": ours[-1]["certified"], "pot_optimal": peer[-1]["pot_optimal"],
+                        "scipy_ms": peer[-1].get("scipy_ms"), "scipy_cost": peer[-1].get("scipy_cost")})
         if name in ("b1",) or name.startswith("step"):
             row["ours_peak_rss_kb"] = peak_rss_kb(ours_cmd)
             row["peer_peak_rss_kb"] = peak_rss_kb(peer_cmd)
@@ -132,6 +155,14 @@ def main():
         nfe = f"{r['ours_nfe']} / {r['peer_nfe']}" if r["ours_nfe"] is not None else ""
         spread = f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}"
         lines.append(f"| {r['workload']} | {r['ours_ms']:.2f} | {r['peer_ms']:.2f} | {r['ratio']:.2f} | {spread} | {nfe} |")
+    ot_rows = [r for r in results if r["workload"].startswith("ot-")]
+    if ot_rows:
+        lines += ["", "| OT problem | ours (ms) | POT ot.emd (ms) | ratio POT/ours | SciPy LSA (ms) | ours: cost, certified "
+                  "| POT: cost, optimal |", "|---|---|---|---|---|---|---|"]
+        for r in ot_rows:
+            scipy = f"{r['scipy_ms']:.0f}" if r["scipy_ms"] is not None else "-"
+            lines.append(f"| {r['workload']} | {r['ours_ms']:.1f} | {r['peer_ms']:.1f} | {r['ratio']:.2f} | {scipy} "
+                         f"| {r['ours_cost']:.10f}, {r['ours_certified']} | {r['peer_cost']:.10f}, {r['pot_optimal']} |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -24,6 +24,9 @@ pub enum Workload {
     B5Step,
     /// U-Net sampling: --batch images, midpoint 20 steps (B5 uses 128).
     B5Sample,
+    /// One exact minibatch OT coupling of --batch points in --dim dimensions (cost matrix and
+    /// assignment), optionally of the points in --points; prints the plan's cost beside the time.
+    Ot,
     /// The --unet preset's pieces (B5 shapes for small): each level's 3x3 convolution (ours, candle's,
     /// GEMM backward) and the whole network, forward and forward + backward; one JSON line each.
     UnetParts,
@@ -55,6 +58,12 @@ pub struct BenchArgs {
     /// The U-Net of the b5-step, b5-sample and unet-parts workloads (B5 itself is `small`).
     #[arg(long, value_enum, default_value = "small")]
     pub unet: UNetPreset,
+    /// Dimension of the points of the `ot` workload.
+    #[arg(long, default_value_t = 2)]
+    pub dim: usize,
+    /// The `ot` workload's points: 2 x batch x dim little-endian float32 values (x0, then x1).
+    #[arg(long)]
+    pub points: Option<PathBuf>,
     /// rtol = atol of the Dopri5 solves in b3-dopri5 and b4 (the workloads' own setting is 1e-5).
     #[arg(long, default_value_t = 1e-5)]
     pub tol: f64,

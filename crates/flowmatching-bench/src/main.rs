@@ -2,6 +2,7 @@
 //! the same workloads, interleaved, and reports the ratios).
 
 mod args;
+mod ot;
 mod workloads;
 
 use clap::Parser;

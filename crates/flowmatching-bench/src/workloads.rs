@@ -251,6 +251,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     );
     let (name, (times, nfe)) = match a.workload {
         Workload::UnetParts => return unet_parts(a, &dev),
+        Workload::Ot => return crate::ot::run(a),
         Workload::B5Step => {
             let mut trainer = Trainer::new(unet_config(a.batch, a.unet), &dev)?;
             let data = fake_images(1024)?;

@@ -81,6 +81,7 @@ pub mod empirical;
 pub mod guidance;
 pub mod objective;
 
+pub mod assignment;
 pub mod coupling;
 pub mod data;
 

@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "guidance",
     "empirical",
     "objective",
+    "assignment",
     "coupling",
     "data",
     "likelihood",
