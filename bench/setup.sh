@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Makes bench/.venv with the PyTorch peers: torch, Meta's flow_matching and torchdiffeq, and POT for the OT
-# benchmark (CPU use; the
-# PyPI torch wheel also carries CUDA libraries, which the CPU benchmarks do not touch).
+# Makes bench/.venv with the PyTorch peers: torch, Meta's flow_matching and torchdiffeq, and POT for the
+# OT benchmark (CPU use; the PyPI torch wheel also carries CUDA libraries, which the CPU benchmarks do
+# not touch).
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
