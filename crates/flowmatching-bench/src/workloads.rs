@@ -67,6 +67,7 @@ pub fn train_config(
             seed: 0,
             label_dropout: 0.0,
             coupling: Default::default(),
+            time_sampling: Default::default(),
         },
         data: "checkerboard".into(),
         source: None,

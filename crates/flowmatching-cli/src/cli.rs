@@ -378,6 +378,10 @@ pub struct TrainArgs {
     /// Draw x0 from this data set (built-in or file) instead of N(0, I); sampling then starts there too.
     #[arg(long)]
     pub source: Option<String>,
+    /// Training times: uniform, logit-normal[:M,S] (t = sigmoid(M + S n); default 0,1 as SD3),
+    /// mode:S (SD3's mode sampling), or cosmap. t = 0 is noise, t = 1 data.
+    #[arg(long, default_value = "uniform", value_parser = time_sampling)]
+    pub time_sampling: flowmatching::timesteps::TimeSampling,
     /// The options given on the command line (not defaulted), by id: filled in by `main`.
     #[arg(skip)]
     pub given: Vec<String>,
@@ -391,6 +395,50 @@ fn finite(s: &str) -> Result<f64, String> {
     } else {
         Err("must be a finite number".into())
     }
+}
+
+/// `NAME[:A[,B]]`: the name and its finite numbers.
+fn named_numbers(s: &str) -> Result<(&str, Vec<f64>), String> {
+    let (name, rest) = s.split_once(':').unwrap_or((s, ""));
+    let numbers = if rest.is_empty() {
+        vec![]
+    } else {
+        rest.split(',').map(finite).collect::<Result<_, _>>()?
+    };
+    Ok((name, numbers))
+}
+
+/// `--time-sampling`: uniform, logit-normal[:M,S], mode:S, cosmap.
+fn time_sampling(s: &str) -> Result<flowmatching::timesteps::TimeSampling, String> {
+    use flowmatching::timesteps::TimeSampling;
+    let t =
+        match named_numbers(s)? {
+            ("uniform", v) if v.is_empty() => TimeSampling::Uniform,
+            ("cosmap", v) if v.is_empty() => TimeSampling::CosMap,
+            ("logit-normal", v) if v.is_empty() => TimeSampling::LogitNormal { m: 0.0, s: 1.0 },
+            ("logit-normal", v) if v.len() == 2 => TimeSampling::LogitNormal { m: v[0], s: v[1] },
+            ("mode", v) if v.len() == 1 => TimeSampling::Mode { s: v[0] },
+            _ => return Err(
+                "expected uniform, logit-normal[:M,S], mode:S or cosmap (e.g. logit-normal:0,1)"
+                    .into(),
+            ),
+        };
+    t.validate().map_err(|e| e.to_string())?;
+    Ok(t)
+}
+
+/// `--time-grid`: uniform, shift:S, edm[:RHO].
+fn time_grid(s: &str) -> Result<flowmatching::timesteps::TimeGrid, String> {
+    use flowmatching::timesteps::TimeGrid;
+    let g = match named_numbers(s)? {
+        ("uniform", v) if v.is_empty() => TimeGrid::Uniform,
+        ("shift", v) if v.len() == 1 => TimeGrid::Shift { s: v[0] },
+        ("edm", v) if v.is_empty() => TimeGrid::Edm { rho: 7.0 },
+        ("edm", v) if v.len() == 1 => TimeGrid::Edm { rho: v[0] },
+        _ => return Err("expected uniform, shift:S or edm[:RHO] (e.g. shift:3)".into()),
+    };
+    g.validate().map_err(|e| e.to_string())?;
+    Ok(g)
 }
 
 /// The largest guidance weight accepted: beyond it the guided field v_uncond + w (v_cond - v_uncond)
@@ -552,6 +600,10 @@ pub struct SampleArgs {
     /// Samples integrated together (image models).
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Where fixed steps fall: uniform, shift:S (the SD3 / Flux shift; S > 1 more steps near the
+    /// noise), or edm[:RHO] (EDM's rho spacing, default 7; more steps near the data).
+    #[arg(long, default_value = "uniform", value_parser = time_grid)]
+    pub time_grid: flowmatching::timesteps::TimeGrid,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

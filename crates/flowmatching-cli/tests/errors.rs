@@ -872,6 +872,42 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "where the checkpoint's model takes 2-dimensional points",
             &[],
         ),
+        c(
+            "E71",
+            with(train("moons"), &["--time-sampling", "mode:5"]),
+            "mode time sampling needs a scale",
+            &[&out],
+        ),
+        case(
+            "E72",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--time-grid",
+                "shift:0",
+                "--out",
+                &s(&samples),
+            ],
+            "shift must be positive",
+            &[&samples],
+        ),
+        case(
+            "E73",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--solver",
+                "dopri5",
+                "--time-grid",
+                "shift:3",
+                "--out",
+                &s(&samples),
+            ],
+            "a time grid places fixed steps",
+            &[&samples],
+        ),
     ]
 }
 

@@ -254,7 +254,10 @@ mod simd {
         while k + 4 <= n {
             // SAFETY: k + 4 <= n, the length of both slices.
             let v = unsafe {
-                _mm256_add_pd(_mm256_loadu_pd(row.as_ptr().add(k)), _mm256_loadu_pd(p.as_ptr().add(k)))
+                _mm256_add_pd(
+                    _mm256_loadu_pd(row.as_ptr().add(k)),
+                    _mm256_loadu_pd(p.as_ptr().add(k)),
+                )
             };
             let hits = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(v, target));
             if hits != 0 {
@@ -274,7 +277,10 @@ mod simd {
         while k + 8 <= n {
             // SAFETY: k + 8 <= n, the length of both slices.
             let v = unsafe {
-                _mm256_add_ps(_mm256_loadu_ps(row.as_ptr().add(k)), _mm256_loadu_ps(p.as_ptr().add(k)))
+                _mm256_add_ps(
+                    _mm256_loadu_ps(row.as_ptr().add(k)),
+                    _mm256_loadu_ps(p.as_ptr().add(k)),
+                )
             };
             let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, target));
             if hits != 0 {

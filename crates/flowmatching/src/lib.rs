@@ -72,6 +72,7 @@ pub mod optim;
 pub mod params;
 
 pub mod path;
+pub mod timesteps;
 
 pub mod nn;
 

@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "params",
     "optim",
     "path",
+    "timesteps",
     "nn",
     "solver",
     "guidance",

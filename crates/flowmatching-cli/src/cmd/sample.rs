@@ -9,6 +9,7 @@ use flowmatching::checkpoint::Checkpoint;
 use flowmatching::nn::Model;
 use flowmatching::sample::{transport, Conditioning};
 use flowmatching::solver::{SolveOptions, SolverKind, Stats, StepControl};
+use flowmatching::timesteps::TimeGrid;
 use serde::Serialize;
 
 use crate::cli::SampleArgs;
@@ -47,6 +48,7 @@ struct SampleReport<'a> {
     checkpoint: String,
     solver: SolverKind,
     control: StepControl,
+    time_grid: TimeGrid,
     num_samples: usize,
     /// The file the start points came from (`--x0`); otherwise noise drawn from `seed`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,7 +144,9 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     let num_samples = x0.len() / dim;
     memory::check(need(num_samples), "sampling", "use fewer rows in --x0")?;
     let start = Instant::now();
-    let opts = SolveOptions::with_control(control).grid(grid);
+    let opts = SolveOptions::with_control(control)
+        .grid(grid)
+        .time_grid(a.time_grid);
     let (x, sol) = transport(&model, config, x0, kind, &opts)?;
     let seconds = start.elapsed().as_secs_f64();
     finite(&x)?;
@@ -152,6 +156,7 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         checkpoint: a.checkpoint.display().to_string(),
         solver: kind,
         control,
+        time_grid: a.time_grid,
         num_samples,
         x0: a.x0.as_ref().map(|p| p.display().to_string()),
         seed: a.seed,
@@ -196,6 +201,7 @@ struct ImageSampleReport<'a> {
     checkpoint: String,
     solver: SolverKind,
     control: StepControl,
+    time_grid: TimeGrid,
     num_samples: usize,
     seed: u64,
     ema: bool,
@@ -248,7 +254,7 @@ fn run_images(
     let cpu = device.is_cpu();
     let need = memory::sampling_bytes(&config.model, a.num_samples, a.batch, stages, 0, cpu);
     memory::check(need, "sampling", "lower --num-samples or --batch")?;
-    let opts = SolveOptions::with_control(control);
+    let opts = SolveOptions::with_control(control).time_grid(a.time_grid);
     let start = Instant::now();
     let drawn = sampling::draw(
         model,
@@ -274,6 +280,7 @@ fn run_images(
         checkpoint: a.checkpoint.display().to_string(),
         solver: kind,
         control,
+        time_grid: a.time_grid,
         num_samples: a.num_samples,
         seed: a.seed,
         ema: !a.raw_weights,

@@ -99,6 +99,7 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
             seed: a.seed,
             label_dropout: a.label_dropout,
             coupling: a.coupling.coupling(a.sinkhorn_reg),
+            time_sampling: a.time_sampling,
         },
         data: a.data.clone(),
         source: a.source.clone(),
@@ -108,7 +109,8 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
 /// The parts of the run configuration each configuration flag of `train` sets (JSON pointers into
 /// checkpoint.json's config). Flags not listed here may change on `--resume`: --steps (the new total),
 /// --checkpoint-every, --max-minutes, --device, --tf32 and the data-loading options.
-const CONFIG_FLAGS: [(&str, &[&str]); 22] = [
+const CONFIG_FLAGS: [(&str, &[&str]); 23] = [
+    ("time_sampling", &["/train/time_sampling"]),
     ("source", &["/source"]),
     ("batch_size", &["/train/batch_size"]),
     ("lr", &["/train/optimizer/lr"]),

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use super::{axpy, Rhs, Step};
 use crate::error::{Error, Result};
+use crate::timesteps::TimeGrid;
 
 /// How the local error of a step is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -171,12 +172,13 @@ pub(crate) type Verdict = std::result::Result<(Vec<bool>, Vec<f64>), Stop>;
 
 /// The step-size decisions of one solve, with one entry per active row.
 pub(crate) enum Controller {
-    /// `steps` equal steps from t0 to t1; `index` is the next one.
+    /// `steps` steps from t0 to t1 placed by `grid`; `index` is the next one.
     Constant {
         t0: f64,
         t1: f64,
         steps: usize,
         index: usize,
+        grid: TimeGrid,
     },
     /// Error-controlled steps for a solver of order `order`.
     Adaptive {
@@ -190,13 +192,20 @@ pub(crate) enum Controller {
 }
 
 impl Controller {
-    pub(crate) fn new(control: StepControl, order: usize, t0: f64, t1: f64, n: usize) -> Self {
+    pub(crate) fn new(
+        control: StepControl,
+        grid: TimeGrid,
+        order: usize,
+        (t0, t1): (f64, f64),
+        n: usize,
+    ) -> Self {
         match control {
             StepControl::Constant { steps } => Controller::Constant {
                 t0,
                 t1,
                 steps,
                 index: 0,
+                grid,
             },
             StepControl::Adaptive(control) => Controller::Adaptive {
                 control,
@@ -247,8 +256,9 @@ impl Controller {
                 t1: end,
                 steps,
                 index,
+                grid,
             } => {
-                let at = |i: usize| t0 + (end - t0) * i as f64 / *steps as f64;
+                let at = |i: usize| t0 + (end - t0) * grid.at(i as f64 / *steps as f64);
                 let ta = at(*index);
                 let tb = if index + 1 == *steps {
                     *end
@@ -302,7 +312,8 @@ impl Controller {
                 t1,
                 steps,
                 index,
-            } => Some(t0 + (t1 - t0) * *index as f64 / *steps as f64),
+                grid,
+            } => Some(t0 + (t1 - t0) * grid.at(*index as f64 / *steps as f64)),
             Controller::Adaptive { .. } => None,
         }
     }

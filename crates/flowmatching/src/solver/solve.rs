@@ -8,6 +8,7 @@ use super::{Dense, Rhs, Solver, Stats};
 use crate::error::{Error, Result, SolveStop};
 use crate::field::VelocityField;
 use crate::tensor::column;
+use crate::timesteps::TimeGrid;
 
 /// What to solve for besides the final state.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,8 @@ pub struct SolveOptions {
     /// A solve that stops early is an [`Error::SolverStopped`] (true, the default) or a [`Solution`]
     /// whose [`Status`] says where it stopped (false), as diffrax's `throw`.
     pub throw: bool,
+    /// Where the steps of a fixed-step solve fall (equal steps by default).
+    pub time_grid: TimeGrid,
 }
 
 impl SolveOptions {
@@ -41,7 +44,14 @@ impl SolveOptions {
             grid: vec![],
             keep_trajectory: false,
             throw: true,
+            time_grid: TimeGrid::Uniform,
         }
+    }
+
+    /// Fixed steps placed by `grid` (uniform, the SD3 shift, EDM's) instead of equal ones.
+    pub fn time_grid(mut self, grid: TimeGrid) -> Self {
+        self.time_grid = grid;
+        self
     }
 
     /// Also the states at the times `grid`.
@@ -176,6 +186,7 @@ pub fn solve(
         ));
     }
     let n = x0.dim(0)?;
+    opts.time_grid.validate()?;
     match opts.control {
         StepControl::Constant { steps } => {
             if steps == 0 {
@@ -186,6 +197,11 @@ pub fn solve(
         }
         StepControl::Adaptive(a) => {
             a.validate()?;
+            if opts.time_grid != TimeGrid::Uniform {
+                return Err(Error::Config(
+                    "a time grid places fixed steps; adaptive steps choose their own".into(),
+                ));
+            }
             if !solver.embedded() {
                 return Err(Error::Config(
                     "adaptive steps need a solver with an error estimate (dopri5); use constant steps otherwise"
@@ -272,8 +288,13 @@ impl Driver<'_> {
             accepted: vec![0; n],
             rejected: vec![0; n],
         };
-        let mut control =
-            Controller::new(self.opts.control, self.solver.order(), self.t0, self.t1, n);
+        let mut control = Controller::new(
+            self.opts.control,
+            self.opts.time_grid,
+            self.solver.order(),
+            (self.t0, self.t1),
+            n,
+        );
         if self.t0 == self.t1 {
             out.finals.push(&act.ids, act.x.clone());
             for g in out.grid.iter_mut().filter(|g| g.ids.is_empty()) {

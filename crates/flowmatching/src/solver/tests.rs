@@ -302,3 +302,30 @@ fn bad_options_are_rejected() {
     assert!(solve(&Linear(1.0), &Dopri5, &x, 0.0, 1.0, &bad_grid).is_err());
     assert!(solve(&Linear(1.0), &Dopri5, &x, 0.0, f64::NAN, &a).is_err());
 }
+
+/// A time grid places the fixed steps: the trajectory's times are the grid's, in either direction,
+/// and Euler on dx/dt = a x + t with the grid's steps matches x_{k+1} = x_k + h_k (a x_k + t_k).
+#[test]
+fn time_grids_place_the_fixed_steps() {
+    use crate::timesteps::TimeGrid;
+    let grid = TimeGrid::Shift { s: 3.0 };
+    let opts = SolveOptions::constant(8).trajectory().time_grid(grid);
+    let s = solve(&Linear(-1.3), &Euler, &x0(), 0.0, 1.0, &opts).unwrap();
+    let times: Vec<f64> = s.trajectory.unwrap().iter().map(|(t, _)| *t).collect();
+    let want = grid.times(0.0, 1.0, 8);
+    for (a, b) in times.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-12, "{times:?} vs {want:?}");
+    }
+    let euler = want
+        .windows(2)
+        .fold(0.5, |x, w| x + (w[1] - w[0]) * (-1.3 * x + w[0]));
+    assert!((scalar(&s.x) - euler).abs() < 1e-12);
+    let back = SolveOptions::constant(8).trajectory().time_grid(grid);
+    let r = solve(&Linear(-1.3), &Euler, &x0(), 1.0, 0.0, &back).unwrap();
+    let rt: Vec<f64> = r.trajectory.unwrap().iter().map(|(t, _)| *t).collect();
+    assert!((rt[1] - grid.times(1.0, 0.0, 8)[1]).abs() < 1e-12, "{rt:?}");
+    // Adaptive steps choose their own times.
+    let a = Adaptive::new(1e-6, 1e-6).unwrap();
+    let bad = SolveOptions::adaptive(a).time_grid(grid);
+    assert!(solve(&Linear(-1.3), &Dopri5, &x0(), 0.0, 1.0, &bad).is_err());
+}

@@ -28,6 +28,7 @@ use crate::optim::{
 use crate::path::SchedulerConfig;
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
+use crate::timesteps::TimeSampling;
 
 /// The checkpoint and config format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -56,6 +57,13 @@ pub struct TrainConfig {
     /// How noise (or source) samples are paired with data samples in a minibatch.
     #[serde(default)]
     pub coupling: crate::coupling::Coupling,
+    /// The distribution of the training times t (uniform in checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "is_uniform")]
+    pub time_sampling: TimeSampling,
+}
+
+fn is_uniform(t: &TimeSampling) -> bool {
+    *t == TimeSampling::Uniform
 }
 
 impl TrainConfig {
@@ -77,6 +85,7 @@ impl TrainConfig {
             seed,
             label_dropout: 0.0,
             coupling: crate::coupling::Coupling::Independent,
+            time_sampling: TimeSampling::Uniform,
         }
     }
 }
@@ -94,6 +103,7 @@ impl Default for TrainConfig {
             seed: 0,
             label_dropout: 0.1,
             coupling: crate::coupling::Coupling::Independent,
+            time_sampling: TimeSampling::Uniform,
         }
     }
 }
@@ -172,6 +182,7 @@ impl RunConfig {
         }
         self.model.validate()?;
         t.coupling.validate()?;
+        t.time_sampling.validate()?;
         if !(0.0..=1.0).contains(&t.label_dropout) {
             return Err(Error::Config(format!(
                 "label dropout must lie in [0, 1], got {}",
@@ -400,7 +411,7 @@ impl Trainer {
     }
 
     /// One batch: (x0, x1) paired by the coupling (or the data's own pairs), labels with the null class
-    /// dropped in at the label-dropout rate, and times t ~ U[0, 1].
+    /// dropped in at the label-dropout rate, and times from the configured time sampling.
     #[allow(clippy::type_complexity)]
     fn draw_batch(
         &mut self,
@@ -411,9 +422,10 @@ impl Trainer {
         let b = self.config.train.batch_size;
         let classes = self.config.model.num_classes();
         let coupling = self.config.train.coupling;
+        let times = self.config.train.time_sampling;
         let (x0, x1, mut labels, t) = match data.sample_pairs(&mut self.rng_data, b) {
             Some((x0, x1)) => {
-                let t = self.rng_noise.uniform_vec(b);
+                let t = times.sample(&mut self.rng_noise, b);
                 (x0, x1, vec![], t)
             }
             None => {
@@ -422,7 +434,7 @@ impl Trainer {
                     Some(s) => s.sample(&mut self.rng_noise, b),
                     None => self.rng_noise.normal_vec(b * dim),
                 };
-                let t = self.rng_noise.uniform_vec(b);
+                let t = times.sample(&mut self.rng_noise, b);
                 let (x0, x1) = coupling.pair(x0, x1, dim, &mut self.rng_noise)?;
                 (x0, x1, labels, t)
             }
