@@ -398,6 +398,26 @@ fn images_train_sample_classify_and_evaluate() {
     // Midpoint, 2 steps, guided: 2 stages x 2 steps x 2 evaluations.
     assert!(stats.contains("\"nfe\": 8"), "{stats}");
     assert!(std::fs::metadata(&grid).unwrap().len() > 50);
+    // Guidance only for t in [0.5, 1]: of the 4 calls (t = 0, 0.25, 0.5, 0.75) two are guided.
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--num-samples",
+        "4",
+        "--steps",
+        "2",
+        "--guidance",
+        "2",
+        "--guidance-interval",
+        "0.5,1",
+        "--out",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats = std::fs::read_to_string(d.join("s.stats.json")).unwrap();
+    assert!(stats.contains("\"nfe\": 6"), "{stats}");
+    assert!(stats.contains("guidance_interval"), "{stats}");
 
     let clf = d.join("clf.safetensors");
     let o = run(&[

@@ -248,19 +248,7 @@ mod tests {
             let (ours, pot) = (a.cost / n as f64, case["cost"].as_f64().unwrap());
             assert!((ours - pot).abs() <= 1e-9 * pot, "{ours} vs POT {pot}");
         }
-        let rows = |k: &str| -> Vec<f32> {
-            v[k].as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                })
-                .collect()
-        };
-        let (x0, x1) = (rows("x0"), rows("x1"));
+        let (x0, x1) = (json_rows(&v["x0"]), json_rows(&v["x1"]));
         let want: Vec<usize> = v["assignment"]
             .as_array()
             .unwrap()

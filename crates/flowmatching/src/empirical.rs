@@ -114,6 +114,48 @@ mod tests {
         .unwrap()
     }
 
+    /// The scheduler change of a field is the marginal field of the new path: the empirical field on
+    /// the OT path, seen on the cosine (or VP) path, equals the empirical field computed on that path,
+    /// and seeing a path as itself changes nothing.
+    #[test]
+    fn schedule_transform_gives_the_new_paths_marginal_field() {
+        use crate::path::{Cosine, ScheduleTransformed, SchedulerConfig};
+        let ot = SchedulerConfig::CondOt { sigma_min: 0.0 };
+        let on_ot = EmpiricalField::new(AffinePath::from_config(&ot).unwrap(), &data()).unwrap();
+        let x = Tensor::new(&[[0.3f64, -0.2], [1.5, 0.4], [-0.7, 0.9]], &Device::Cpu).unwrap();
+        for (to, scheduler) in [
+            (SchedulerConfig::Cosine, AffinePath::new(Box::new(Cosine))),
+            (
+                SchedulerConfig::default_vp(),
+                AffinePath::new(Box::new(VP::default())),
+            ),
+        ] {
+            let moved = ScheduleTransformed::new(&on_ot, &ot, &to).unwrap();
+            let direct = EmpiricalField::new(scheduler, &data()).unwrap();
+            for r in [0.1, 0.5, 0.9] {
+                let rt = Tensor::new(&[r, r, r], &Device::Cpu).unwrap();
+                let (a, b) = (
+                    moved.forward(&x, &rt).unwrap(),
+                    direct.forward(&x, &rt).unwrap(),
+                );
+                let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let d = diff.to_scalar::<f64>().unwrap();
+                assert!(d < 1e-6 * (1.0 + scale), "{to:?} at r = {r}: {d}");
+            }
+        }
+        let same = ScheduleTransformed::new(&on_ot, &ot, &ot).unwrap();
+        let m = same.map(0.37);
+        assert!((m.t - 0.37).abs() < 1e-12 && (m.s - 1.0).abs() < 1e-12);
+        assert!((m.dt - 1.0).abs() < 1e-9 && m.ds.abs() < 1e-9, "{m:?}");
+    }
+
     /// Against a direct evaluation of eq. 8: sum_j N(x; alpha y_j, sigma^2) u(x|y_j) / sum_j N(...).
     #[test]
     fn matches_direct_mixture_formula() {

@@ -21,10 +21,10 @@ pub trait VelocityField {
         Ok(None)
     }
 
-    /// Network evaluations per call of [`VelocityField::forward`] on a batch (2 for classifier-free
-    /// guidance, which evaluates the conditional and the unconditional field together). Solvers count
-    /// NFE with it.
-    fn evals_per_call(&self) -> usize {
+    /// Network evaluations of a call of [`VelocityField::forward`] on a batch at times `t` (2 for
+    /// classifier-free guidance, which evaluates the conditional and the unconditional field
+    /// together, 1 outside its guidance interval). Solvers count NFE with it.
+    fn evals_per_call(&self, _t: &[f64]) -> usize {
         1
     }
 }
@@ -36,8 +36,8 @@ impl<F: VelocityField + ?Sized> VelocityField for &F {
     fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         (**self).jvp(x, t, u)
     }
-    fn evals_per_call(&self) -> usize {
-        (**self).evals_per_call()
+    fn evals_per_call(&self, t: &[f64]) -> usize {
+        (**self).evals_per_call(t)
     }
 }
 
@@ -48,7 +48,7 @@ impl<F: VelocityField + ?Sized> VelocityField for Box<F> {
     fn jvp(&self, x: &Tensor, t: &Tensor, u: &[Tensor]) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         (**self).jvp(x, t, u)
     }
-    fn evals_per_call(&self) -> usize {
-        (**self).evals_per_call()
+    fn evals_per_call(&self, t: &[f64]) -> usize {
+        (**self).evals_per_call(t)
     }
 }

@@ -76,8 +76,8 @@ impl VelocityField for RunField<'_> {
         self.as_velocity().jvp(x, t, u)
     }
 
-    fn evals_per_call(&self) -> usize {
-        self.inner.evals_per_call()
+    fn evals_per_call(&self, t: &[f64]) -> usize {
+        self.inner.evals_per_call(t)
     }
 }
 
@@ -106,6 +106,8 @@ pub struct Conditioning {
     pub labels: Vec<u32>,
     /// Classifier-free guidance weight w (0: unconditional, 1: conditional).
     pub guidance: f64,
+    /// Guidance only for t in [lo, hi], the conditional field elsewhere (None: at every t).
+    pub interval: Option<(f64, f64)>,
 }
 
 impl Conditioning {
@@ -114,6 +116,7 @@ impl Conditioning {
         Self {
             labels: (0..n).map(|i| (i * k / n) as u32).collect(),
             guidance,
+            interval: None,
         }
     }
 }
@@ -167,7 +170,11 @@ pub fn draw_batched(
         let inner: &dyn VelocityField = match cond {
             Some(c) => {
                 let start = i * batch;
-                guided = Guided::new(model, &c.labels[start..start + rows], c.guidance)?;
+                let g = Guided::new(model, &c.labels[start..start + rows], c.guidance)?;
+                guided = match c.interval {
+                    Some((lo, hi)) => g.with_interval(lo, hi)?,
+                    None => g,
+                };
                 &guided
             }
             None => model,

@@ -206,6 +206,8 @@ struct ImageSampleReport<'a> {
     seed: u64,
     ema: bool,
     guidance: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guidance_interval: Option<(f64, f64)>,
     seconds: f64,
     /// Statistics of the costliest batch (NFE: network calls, 2 per guided call).
     stats: &'a Stats,
@@ -225,8 +227,8 @@ fn run_images(
 ) -> Result<()> {
     let config = &ckpt.meta.config;
     let k = config.model.num_classes();
-    if k == 0 && (a.guidance.is_some() || a.class.is_some()) {
-        bail!("--guidance and --class need a class-conditional model; this checkpoint was trained without labels");
+    if k == 0 && (a.guidance.is_some() || a.class.is_some() || a.guidance_interval.is_some()) {
+        bail!("--guidance, --guidance-interval and --class need a class-conditional model; this checkpoint was trained without labels");
     }
     if a.per_sample_used() {
         bail!("--per-sample is not available for image sampling; use the batch error norm");
@@ -237,7 +239,7 @@ fn run_images(
     let cond = (k > 0)
         .then(|| -> Result<Conditioning> {
             let w = a.guidance.unwrap_or(1.0);
-            Ok(match a.class {
+            let mut cond = match a.class {
                 Some(c) if c as usize >= k => bail!(
                     "--class {c} does not exist: the model knows classes 0..{}",
                     k - 1
@@ -245,9 +247,12 @@ fn run_images(
                 Some(c) => Conditioning {
                     labels: vec![c; a.num_samples],
                     guidance: w,
+                    interval: None,
                 },
                 None => Conditioning::blocks(a.num_samples, k, w),
-            })
+            };
+            cond.interval = a.guidance_interval;
+            Ok(cond)
         })
         .transpose()?;
     let stages = kind.stages() + 1;
@@ -285,6 +290,7 @@ fn run_images(
         seed: a.seed,
         ema: !a.raw_weights,
         guidance: cond.as_ref().map(|c| c.guidance),
+        guidance_interval: a.guidance_interval,
         seconds,
         stats: &stats,
         labels: cond.as_ref().map(|c| c.labels.as_slice()),

@@ -223,8 +223,8 @@ impl<F: crate::field::VelocityField + ?Sized> crate::field::VelocityField for As
         Ok(Some((v, jv)))
     }
 
-    fn evals_per_call(&self) -> usize {
-        self.field.evals_per_call()
+    fn evals_per_call(&self, t: &[f64]) -> usize {
+        self.field.evals_per_call(t)
     }
 }
 

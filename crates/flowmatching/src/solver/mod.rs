@@ -54,7 +54,7 @@ impl<'a> Rhs<'a> {
 
     /// v(x, t) with one time per row of x.
     pub fn eval(&mut self, t: &[f64], x: &Tensor) -> Result<Tensor> {
-        self.nfe += self.field.evals_per_call();
+        self.nfe += self.field.evals_per_call(t);
         let tt = Tensor::from_iter(t.iter().copied(), x.device())?.to_dtype(x.dtype())?;
         // Sampling needs no gradients: detaching drops any autograd graph the field recorded, which
         // would otherwise chain every step of the solve together in memory.
