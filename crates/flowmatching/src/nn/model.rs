@@ -251,6 +251,29 @@ mod tests {
     use super::*;
     use crate::nn::{Activation, TimeEmbedding};
 
+    /// A hand-edited config with absurd sizes is refused by its parameter count, which saturates
+    /// instead of overflowing (a fuzzed `hidden` of 2^64 - 1 once overflowed u128).
+    #[test]
+    fn huge_configs_are_refused_without_overflow() {
+        for (hidden, depth) in [(usize::MAX, 4), (1 << 40, usize::MAX), (40_000, 3)] {
+            let cfg = ModelConfig::Mlp(MlpConfig {
+                dim: 2,
+                hidden,
+                depth,
+                time_embedding: TimeEmbedding::Input,
+                activation: Activation::Silu,
+            });
+            assert!(
+                cfg.approx_params() > ModelConfig::MAX_PARAMS,
+                "{hidden} {depth}"
+            );
+            assert!(cfg.validate().is_err());
+        }
+        let mut unet = crate::nn::UNetConfig::tiny(1, 8, 8, 0);
+        unet.base_channels = usize::MAX;
+        assert!(ModelConfig::UNet(unet).approx_params() > ModelConfig::MAX_PARAMS);
+    }
+
     #[test]
     fn mlp_shapes_and_parameter_count() {
         for te in [TimeEmbedding::Input, TimeEmbedding::Sinusoidal { dim: 8 }] {
