@@ -265,7 +265,8 @@ pub struct DemoArgs {
     pub lr: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PathArg {
     /// Conditional optimal transport: x_t = (1 - (1 - sigma_min) t) x0 + t x1.
     Ot,
@@ -472,6 +473,19 @@ pub enum CouplingArg {
     Sinkhorn,
 }
 
+impl PathArg {
+    /// The scheduler, with `sigma_min` for the OT path.
+    pub fn scheduler(self, sigma_min: f64) -> flowmatching::path::SchedulerConfig {
+        use flowmatching::path::SchedulerConfig;
+        match self {
+            PathArg::Ot => SchedulerConfig::CondOt { sigma_min },
+            PathArg::Vp => SchedulerConfig::default_vp(),
+            PathArg::Cosine => SchedulerConfig::Cosine,
+            PathArg::Poly => SchedulerConfig::Polynomial { n: 2.0 },
+        }
+    }
+}
+
 impl CouplingArg {
     pub fn coupling(self, reg: f64) -> flowmatching::coupling::Coupling {
         use flowmatching::coupling::Coupling;
@@ -612,6 +626,10 @@ pub struct SampleArgs {
     /// Samples integrated together (image models).
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Integrate along the paths of another scheduler than the one the model was trained on (the
+    /// same end distribution, other paths between): ot (sigma_min 0), vp, cosine or poly.
+    #[arg(long, value_enum)]
+    pub as_scheduler: Option<PathArg>,
     /// Where fixed steps fall: uniform, shift:S (the SD3 / Flux shift; S > 1 more steps near the
     /// noise), or edm[:RHO] (EDM's rho spacing, default 7; more steps near the data).
     #[arg(long, default_value = "uniform", value_parser = time_grid)]

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use candle_core::Device;
 use flowmatching::nn::Model;
+use flowmatching::path::SchedulerConfig;
 use flowmatching::sample::{draw_batched, Batched, Conditioning};
 use flowmatching::solver::{SolveOptions, SolverKind};
 use flowmatching::train::RunConfig;
@@ -11,7 +12,8 @@ use flowmatching::train::RunConfig;
 use crate::progress;
 use crate::resolve::initial_points;
 
-/// `n` samples from start points seeded by `seed`, in batches of `batch` rows on `device`.
+/// `n` samples from start points seeded by `seed`, in batches of `batch` rows on `device` (along the
+/// paths of scheduler `on`, if given).
 #[allow(clippy::too_many_arguments)]
 pub fn draw(
     model: &Model,
@@ -21,6 +23,7 @@ pub fn draw(
     solver: SolverKind,
     opts: &SolveOptions,
     cond: Option<&Conditioning>,
+    on: Option<&SchedulerConfig>,
     device: &Device,
     batch: usize,
 ) -> Result<Batched> {
@@ -33,6 +36,7 @@ pub fn draw(
         solver,
         opts,
         cond,
+        on,
         device,
         batch,
         &mut |rows| bar.inc(rows as u64),

@@ -733,3 +733,71 @@ fn time_sampling_and_time_grids() {
     assert_ne!(a, b, "the grid did not change the steps");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `sample --as-scheduler`: an OT (sigma_min 0) model seen on its own scheduler gives its own samples;
+/// seen on the cosine path it integrates other paths to samples of the same kind; the statistics say
+/// which scheduler was used.
+#[test]
+fn sampling_on_another_scheduler() {
+    let d = tmpdir("as-scheduler");
+    let ck = d.join("ot");
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--steps",
+        "200",
+        "--hidden",
+        "32",
+        "--depth",
+        "2",
+        "--batch-size",
+        "256",
+        "--sigma-min",
+        "0",
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sample = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--num-samples",
+            "200",
+            "--steps",
+            "20",
+        ];
+        args.extend(extra);
+        let path = d.join(out);
+        args.extend(["--out", path.to_str().unwrap()]);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_npy_values(&path)
+    };
+    let own = sample(&[], "own.npy");
+    let same = sample(&["--as-scheduler", "ot"], "same.npy");
+    let gap = own
+        .iter()
+        .zip(&same)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        gap < 1e-4,
+        "the OT model on its own scheduler moved by {gap}"
+    );
+    let cosine = sample(&["--as-scheduler", "cosine"], "cos.npy");
+    assert!(cosine.iter().all(|v| v.is_finite()));
+    let mean =
+        |v: &[f64], k: usize| v.iter().skip(k).step_by(2).sum::<f64>() / (v.len() / 2) as f64;
+    for k in 0..2 {
+        assert!(
+            (mean(&own, k) - mean(&cosine, k)).abs() < 0.2,
+            "coordinate {k}"
+        );
+    }
+    let stats = std::fs::read_to_string(d.join("cos.stats.json")).unwrap();
+    assert!(stats.contains("\"as_scheduler\": \"cosine\""), "{stats}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::field::VelocityField;
 use crate::guidance::Guided;
 use crate::nn::Model;
-use crate::path::{AffinePath, AsVelocity};
+use crate::path::{AffinePath, AsVelocity, ScheduleTransformed, SchedulerConfig};
 use crate::rng::Rng;
 use crate::solver::{solve, Solution, SolveOptions, SolverKind, Stats, Status};
 use crate::train::RunConfig;
@@ -90,11 +90,32 @@ pub fn transport(
     solver: SolverKind,
     opts: &SolveOptions,
 ) -> Result<(Vec<f32>, Solution)> {
+    transport_on(model, config, None, x0, solver, opts)
+}
+
+/// [`transport`] along the paths of scheduler `on` instead of the run's own (the same end
+/// distribution; see [`ScheduleTransformed`]); `None` is the run's scheduler.
+pub fn transport_on(
+    model: &Model,
+    config: &RunConfig,
+    on: Option<&SchedulerConfig>,
+    x0: Vec<f32>,
+    solver: SolverKind,
+    opts: &SolveOptions,
+) -> Result<(Vec<f32>, Solution)> {
     let dim = config.model.dim();
     let field = RunField::new(model, config)?;
+    let moved;
+    let field: &dyn VelocityField = match on {
+        Some(s) => {
+            moved = ScheduleTransformed::new(&field, &config.path, s)?;
+            &moved
+        }
+        None => &field,
+    };
     let n = x0.len() / dim;
     let x0 = Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
-    let sol = solve(&field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
+    let sol = solve(field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
     let x: Vec<f32> = sol.x.flatten_all()?.to_vec1()?;
     Ok((x, sol))
 }
@@ -145,6 +166,7 @@ pub fn draw_batched(
     solver: SolverKind,
     opts: &SolveOptions,
     cond: Option<&Conditioning>,
+    on: Option<&SchedulerConfig>,
     device: &Device,
     batch: usize,
     on_batch: &mut dyn FnMut(usize),
@@ -180,7 +202,15 @@ pub fn draw_batched(
             None => model,
         };
         let field = RunField::new(inner, config)?;
-        let sol = solve(&field, solver.solver().as_ref(), &x, 0.0, 1.0, opts)?;
+        let moved;
+        let field: &dyn VelocityField = match on {
+            Some(s) => {
+                moved = ScheduleTransformed::new(&field, &config.path, s)?;
+                &moved
+            }
+            None => &field,
+        };
+        let sol = solve(field, solver.solver().as_ref(), &x, 0.0, 1.0, opts)?;
         out.extend(sol.x.flatten_all()?.to_vec1::<f32>()?);
         if sol.stats.nfe >= worst.nfe {
             worst = sol.stats;

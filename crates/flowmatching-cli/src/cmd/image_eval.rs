@@ -170,6 +170,7 @@ pub fn run(a: &ImageEvalArgs) -> Result<()> {
             kind,
             &solve_opts,
             cond.as_ref(),
+            None,
             &device,
             a.batch,
         )?;

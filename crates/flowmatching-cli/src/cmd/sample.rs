@@ -7,12 +7,12 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
 use flowmatching::nn::Model;
-use flowmatching::sample::{transport, Conditioning};
+use flowmatching::sample::{transport_on, Conditioning};
 use flowmatching::solver::{SolveOptions, SolverKind, Stats, StepControl};
 use flowmatching::timesteps::TimeGrid;
 use serde::Serialize;
 
-use crate::cli::SampleArgs;
+use crate::cli::{PathArg, SampleArgs};
 use crate::outputs::Outputs;
 use crate::resolve::{beside, control, initial_points, solver_kind};
 use crate::{images, io, memory, plot, sampling};
@@ -49,6 +49,9 @@ struct SampleReport<'a> {
     solver: SolverKind,
     control: StepControl,
     time_grid: TimeGrid,
+    /// The scheduler integrated along, when not the model's own (`--as-scheduler`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    as_scheduler: Option<PathArg>,
     num_samples: usize,
     /// The file the start points came from (`--x0`); otherwise noise drawn from `seed`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,7 +150,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     let opts = SolveOptions::with_control(control)
         .grid(grid)
         .time_grid(a.time_grid);
-    let (x, sol) = transport(&model, config, x0, kind, &opts)?;
+    let on = a.as_scheduler.map(|s| s.scheduler(0.0));
+    let (x, sol) = transport_on(&model, config, on.as_ref(), x0, kind, &opts)?;
     let seconds = start.elapsed().as_secs_f64();
     finite(&x)?;
     outs.write(&a.out, &io::npy_bytes(&x, &[num_samples, dim])?)?;
@@ -157,6 +161,7 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         solver: kind,
         control,
         time_grid: a.time_grid,
+        as_scheduler: a.as_scheduler,
         num_samples,
         x0: a.x0.as_ref().map(|p| p.display().to_string()),
         seed: a.seed,
@@ -202,6 +207,8 @@ struct ImageSampleReport<'a> {
     solver: SolverKind,
     control: StepControl,
     time_grid: TimeGrid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    as_scheduler: Option<PathArg>,
     num_samples: usize,
     seed: u64,
     ema: bool,
@@ -269,6 +276,7 @@ fn run_images(
         kind,
         &opts,
         cond.as_ref(),
+        a.as_scheduler.map(|s| s.scheduler(0.0)).as_ref(),
         device,
         a.batch,
     )?;
@@ -286,6 +294,7 @@ fn run_images(
         solver: kind,
         control,
         time_grid: a.time_grid,
+        as_scheduler: a.as_scheduler,
         num_samples: a.num_samples,
         seed: a.seed,
         ema: !a.raw_weights,

@@ -7,10 +7,9 @@ use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetCo
 use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
-use flowmatching::path::SchedulerConfig;
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
-use crate::cli::{ActivationArg, LrDecayArg, ModelArg, PathArg, TimeArg, TrainArgs, UNetPreset};
+use crate::cli::{ActivationArg, LrDecayArg, ModelArg, TimeArg, TrainArgs, UNetPreset};
 use crate::training::{lock_folder, report_done, run_loop};
 use crate::{io, memory};
 
@@ -61,14 +60,7 @@ fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> 
 
 /// The run configuration described by the command line.
 pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfig> {
-    let path = match a.path {
-        PathArg::Ot => SchedulerConfig::CondOt {
-            sigma_min: a.sigma_min,
-        },
-        PathArg::Vp => SchedulerConfig::default_vp(),
-        PathArg::Cosine => SchedulerConfig::Cosine,
-        PathArg::Poly => SchedulerConfig::Polynomial { n: 2.0 },
-    };
+    let path = a.path.scheduler(a.sigma_min);
     if a.grad_clip < 0.0 || !a.grad_clip.is_finite() {
         bail!(
             "--grad-clip must be 0 (off) or positive, got {}",

@@ -258,6 +258,7 @@ impl Evaluator {
             kind,
             &opts,
             None,
+            None,
             &self.device,
             batch,
             &mut |_| {},
