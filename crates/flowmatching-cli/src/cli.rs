@@ -630,6 +630,10 @@ pub struct SampleArgs {
     /// same end distribution, other paths between): ot (sigma_min 0), vp, cosine or poly.
     #[arg(long, value_enum)]
     pub as_scheduler: Option<PathArg>,
+    /// Point models: also each sample's log-density log p_1(x) in nats (NAME.logp.npy, float64), from
+    /// the same solve (the divergence integrated alongside, exactly).
+    #[arg(long)]
+    pub log_prob: bool,
     /// Where fixed steps fall: uniform, shift:S (the SD3 / Flux shift; S > 1 more steps near the
     /// noise), or edm[:RHO] (EDM's rho spacing, default 7; more steps near the data).
     #[arg(long, default_value = "uniform", value_parser = time_grid)]

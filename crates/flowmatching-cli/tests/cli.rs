@@ -801,3 +801,65 @@ fn sampling_on_another_scheduler() {
     assert!(stats.contains("\"as_scheduler\": \"cosine\""), "{stats}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `sample --log-prob`: the log-densities of one joint solve equal what `likelihood` computes for the
+/// same samples by integrating back.
+#[test]
+fn log_prob_while_sampling_matches_likelihood() {
+    let d = tmpdir("log-prob");
+    let ck = d.join("m");
+    let o = run(&[
+        "train",
+        "--data",
+        "moons",
+        "--steps",
+        "100",
+        "--hidden",
+        "32",
+        "--depth",
+        "2",
+        "--batch-size",
+        "256",
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = d.join("s.npy");
+    let tol = ["--rtol", "1e-6", "--atol", "1e-6"];
+    let mut args = vec![
+        "sample",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--num-samples",
+        "50",
+        "--solver",
+        "dopri5",
+        "--log-prob",
+        "--out",
+        s.to_str().unwrap(),
+    ];
+    args.extend(tol);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let joint = read_npy_values(&d.join("s.logp.npy"));
+    assert_eq!(joint.len(), 50);
+    let back = d.join("back.npy");
+    let mut args = vec![
+        "likelihood",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--data",
+        s.to_str().unwrap(),
+        "--exact",
+        "--per-point",
+        back.to_str().unwrap(),
+    ];
+    args.extend(tol);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let back = read_npy_values(&back);
+    for (a, b) in joint.iter().zip(&back) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

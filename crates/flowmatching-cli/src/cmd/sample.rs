@@ -6,9 +6,13 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
+use flowmatching::field::VelocityField;
+use flowmatching::likelihood::{sample_with_log_prob, Divergence, LikelihoodOptions};
 use flowmatching::nn::Model;
+use flowmatching::path::{ScheduleTransformed, SchedulerConfig};
+use flowmatching::sample::RunField;
 use flowmatching::sample::{transport_on, Conditioning};
-use flowmatching::solver::{SolveOptions, SolverKind, Stats, StepControl};
+use flowmatching::solver::{Solution, SolveOptions, SolverKind, Stats, Status, StepControl};
 use flowmatching::timesteps::TimeGrid;
 use serde::Serialize;
 
@@ -76,6 +80,47 @@ fn finite(x: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Samples and their log-densities in one solve of [x, log p] (exact divergence), on the run's
+/// scheduler or on `on`.
+fn with_log_prob(
+    model: &Model,
+    config: &flowmatching::train::RunConfig,
+    on: Option<&SchedulerConfig>,
+    x0: Vec<f32>,
+    solver: SolverKind,
+    control: StepControl,
+) -> Result<(Vec<f32>, Solution, Vec<f64>)> {
+    let dim = config.model.dim();
+    let field = RunField::new(model, config)?;
+    let moved;
+    let field: &dyn VelocityField = match on {
+        Some(s) => {
+            moved = ScheduleTransformed::new(&field, &config.path, s)?;
+            &moved
+        }
+        None => &field,
+    };
+    let n = x0.len() / dim;
+    let x0 = candle_core::Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
+    let opts = LikelihoodOptions {
+        divergence: Divergence::Exact,
+        solver,
+        control,
+        seed: 0,
+    };
+    let s = sample_with_log_prob(field, &x0, &opts)?;
+    let x = s.x1.flatten_all()?.to_vec1::<f32>()?;
+    let sol = Solution {
+        x: s.x1,
+        grid: vec![],
+        trajectory: None,
+        stats: s.stats,
+        nfe_per_sample: None,
+        status: Status::Completed,
+    };
+    Ok((x, sol, s.log_p))
+}
+
 /// Times at which trajectories are recorded.
 const TRAJECTORY_POINTS: usize = 101;
 
@@ -112,8 +157,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         if a.x0.is_some() {
             bail!("--x0 is for point models; image sampling starts from noise drawn from --seed");
         }
-        if a.plot.is_some() || a.trajectory {
-            bail!("--plot and --trajectory are for point models; use --grid for image models");
+        if a.plot.is_some() || a.trajectory || a.log_prob {
+            bail!("--plot, --trajectory and --log-prob are for point models (for images: --grid, and likelihood --hutchinson)");
         }
         if let Some(g) = &a.grid {
             outs.declare(g, "--grid")?;
@@ -130,6 +175,15 @@ pub fn run(a: &SampleArgs) -> Result<()> {
     if a.trajectory {
         outs.declare(&beside(&a.out, "trajectory.npy"), "--trajectory")?;
         outs.declare(&beside(&a.out, "trajectory.png"), "--trajectory")?;
+    }
+    if a.log_prob {
+        if ckpt.meta.config.source.is_some() {
+            bail!("--log-prob needs the N(0, I) source of the flow; this run was trained from --source");
+        }
+        if a.trajectory || a.per_sample_used() || a.time_grid != TimeGrid::Uniform {
+            bail!("--log-prob solves for the samples and their density together; drop --trajectory, --per-sample and --time-grid");
+        }
+        outs.declare(&beside(&a.out, "logp.npy"), "--log-prob")?;
     }
     let model = ckpt.model(&device, !a.raw_weights)?;
     let config = &ckpt.meta.config;
@@ -151,10 +205,21 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         .grid(grid)
         .time_grid(a.time_grid);
     let on = a.as_scheduler.map(|s| s.scheduler(0.0));
-    let (x, sol) = transport_on(&model, config, on.as_ref(), x0, kind, &opts)?;
+    let (x, sol, log_p) = if a.log_prob {
+        with_log_prob(&model, config, on.as_ref(), x0, kind, control)?
+    } else {
+        let (x, sol) = transport_on(&model, config, on.as_ref(), x0, kind, &opts)?;
+        (x, sol, vec![])
+    };
     let seconds = start.elapsed().as_secs_f64();
     finite(&x)?;
     outs.write(&a.out, &io::npy_bytes(&x, &[num_samples, dim])?)?;
+    if a.log_prob {
+        outs.write(
+            &beside(&a.out, "logp.npy"),
+            &io::npy_bytes(&log_p, &[num_samples])?,
+        )?;
+    }
     let per = sol.nfe_per_sample.as_ref();
     let report = SampleReport {
         checkpoint: a.checkpoint.display().to_string(),
