@@ -239,57 +239,78 @@ fn likelihood_solve(
     opts: &LikelihoodOptions,
     throw: bool,
 ) -> Result<Option<LogLikelihood>> {
+    let Some(end) = augmented_solve(field, x, opts, (1.0, 0.0), throw)? else {
+        return Ok(None);
+    };
+    // c(0) = -int_0^1 div v dt.
+    let log_p0 = standard_normal_log_density(&end.x.flatten_from(1)?)?;
+    Ok(Some(LogLikelihood {
+        log_p: log_p0.iter().zip(&end.c).map(|(a, c)| a + c).collect(),
+        x0: end.x,
+        stats: end.stats,
+    }))
+}
+
+/// Where the augmented state [x, c], dc/dt = div v, ends.
+struct AugmentedEnd {
+    /// x at the final time, shaped like the start.
+    x: Tensor,
+    /// c at the final time (c = 0 at the start), per example.
+    c: Vec<f64>,
+    stats: Stats,
+}
+
+/// Integrates [x, c] with dc/dt = div v from `x` (c = 0) over `(t0, t1)`, with the batch error norm;
+/// `None` for a stopped solve when not `throw`.
+fn augmented_solve(
+    field: &dyn VelocityField,
+    x: &Tensor,
+    opts: &LikelihoodOptions,
+    (t0, t1): (f64, f64),
+    throw: bool,
+) -> Result<Option<AugmentedEnd>> {
     let b = x.dim(0)?;
     let example: Vec<usize> = x.dims()[1..].to_vec();
     let dim: usize = example.iter().product();
     if b == 0 || dim == 0 {
         return Err(Error::Data(
-            "the likelihood needs at least one non-empty example".into(),
+            "a density solve needs at least one non-empty example".into(),
         ));
     }
-    let probes = hutchinson_probes(opts, b, dim, x.device())?;
     let aug = Augmented {
         field,
         example: example.clone(),
         dim,
         divergence: opts.divergence,
-        probes,
+        probes: hutchinson_probes(opts, b, dim, x.device())?,
     };
     let flat = x.flatten_from(1)?;
-    let z1 = Tensor::cat(&[&flat, &flat.narrow(1, 0, 1)?.zeros_like()?], 1)?;
+    let z = Tensor::cat(&[&flat, &flat.narrow(1, 0, 1)?.zeros_like()?], 1)?;
     let control = match opts.control {
         StepControl::Adaptive(a) => StepControl::Adaptive(a.with_norm(ErrorNorm::Batch)),
         c => c,
     };
-    let sol = solve(
-        &aug,
-        opts.solver.solver().as_ref(),
-        &z1,
-        1.0,
-        0.0,
-        &if throw {
-            SolveOptions::with_control(control)
-        } else {
-            SolveOptions::with_control(control).no_throw()
-        },
-    )?;
+    let solve_opts = SolveOptions::with_control(control);
+    let solve_opts = if throw {
+        solve_opts
+    } else {
+        solve_opts.no_throw()
+    };
+    let sol = solve(&aug, opts.solver.solver().as_ref(), &z, t0, t1, &solve_opts)?;
     if !sol.status.is_completed() {
         return Ok(None);
     }
-    let x0 = sol.x.narrow(1, 0, dim)?;
-    let c0: Vec<f64> = sol
+    let c: Vec<f64> = sol
         .x
         .narrow(1, dim, 1)?
         .flatten_all()?
         .to_dtype(DType::F64)?
         .to_vec1()?;
-    let log_p0 = standard_normal_log_density(&x0)?;
-    let log_p = log_p0.iter().zip(&c0).map(|(a, c)| a + c).collect();
     let mut shape = vec![b];
     shape.extend(example);
-    Ok(Some(LogLikelihood {
-        log_p,
-        x0: x0.reshape(shape)?,
+    Ok(Some(AugmentedEnd {
+        x: sol.x.narrow(1, 0, dim)?.reshape(shape)?,
+        c,
         stats: sol.stats,
     }))
 }
@@ -334,49 +355,13 @@ pub fn sample_with_log_prob(
     x0: &Tensor,
     opts: &LikelihoodOptions,
 ) -> Result<SampledWithLogProb> {
-    let b = x0.dim(0)?;
-    let example: Vec<usize> = x0.dims()[1..].to_vec();
-    let dim: usize = example.iter().product();
-    if b == 0 || dim == 0 {
-        return Err(Error::Data(
-            "sampling needs at least one non-empty start point".into(),
-        ));
-    }
-    let aug = Augmented {
-        field,
-        example: example.clone(),
-        dim,
-        divergence: opts.divergence,
-        probes: hutchinson_probes(opts, b, dim, x0.device())?,
-    };
-    let flat = x0.flatten_from(1)?;
-    let z0 = Tensor::cat(&[&flat, &flat.narrow(1, 0, 1)?.zeros_like()?], 1)?;
-    let control = match opts.control {
-        StepControl::Adaptive(a) => StepControl::Adaptive(a.with_norm(ErrorNorm::Batch)),
-        c => c,
-    };
-    let sol = solve(
-        &aug,
-        opts.solver.solver().as_ref(),
-        &z0,
-        0.0,
-        1.0,
-        &SolveOptions::with_control(control),
-    )?;
-    let x1 = sol.x.narrow(1, 0, dim)?;
-    let c1: Vec<f64> = sol
-        .x
-        .narrow(1, dim, 1)?
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
-    let log_p0 = standard_normal_log_density(&flat)?;
-    let mut shape = vec![b];
-    shape.extend(example);
+    let end = augmented_solve(field, x0, opts, (0.0, 1.0), true)?
+        .ok_or_else(|| Error::Config("the sampling solve stopped".into()))?;
+    let log_p0 = standard_normal_log_density(&x0.flatten_from(1)?)?;
     Ok(SampledWithLogProb {
-        x1: x1.reshape(shape)?,
-        log_p: log_p0.iter().zip(&c1).map(|(a, c)| a - c).collect(),
-        stats: sol.stats,
+        log_p: log_p0.iter().zip(&end.c).map(|(a, c)| a - c).collect(),
+        x1: end.x,
+        stats: end.stats,
     })
 }
 

@@ -49,6 +49,19 @@ pub struct RunField<'a> {
 }
 
 impl<'a> RunField<'a> {
+    /// The run's field, seen on the scheduler `on` when given (see [`ScheduleTransformed`]).
+    pub fn on(
+        inner: &'a dyn VelocityField,
+        config: &RunConfig,
+        on: Option<&SchedulerConfig>,
+    ) -> Result<Box<dyn VelocityField + 'a>> {
+        let field = Self::new(inner, config)?;
+        Ok(match on {
+            Some(s) => Box::new(ScheduleTransformed::new(field, &config.path, s)?),
+            None => Box::new(field),
+        })
+    }
+
     /// `inner` (the model, or the model under guidance) on the path of `config`.
     pub fn new(inner: &'a dyn VelocityField, config: &RunConfig) -> Result<Self> {
         Ok(Self {
@@ -104,18 +117,10 @@ pub fn transport_on(
     opts: &SolveOptions,
 ) -> Result<(Vec<f32>, Solution)> {
     let dim = config.model.dim();
-    let field = RunField::new(model, config)?;
-    let moved;
-    let field: &dyn VelocityField = match on {
-        Some(s) => {
-            moved = ScheduleTransformed::new(&field, &config.path, s)?;
-            &moved
-        }
-        None => &field,
-    };
+    let field = RunField::on(model, config, on)?;
     let n = x0.len() / dim;
     let x0 = Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
-    let sol = solve(field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
+    let sol = solve(&field, solver.solver().as_ref(), &x0, 0.0, 1.0, opts)?;
     let x: Vec<f32> = sol.x.flatten_all()?.to_vec1()?;
     Ok((x, sol))
 }
@@ -201,16 +206,8 @@ pub fn draw_batched(
             }
             None => model,
         };
-        let field = RunField::new(inner, config)?;
-        let moved;
-        let field: &dyn VelocityField = match on {
-            Some(s) => {
-                moved = ScheduleTransformed::new(&field, &config.path, s)?;
-                &moved
-            }
-            None => &field,
-        };
-        let sol = solve(field, solver.solver().as_ref(), &x, 0.0, 1.0, opts)?;
+        let field = RunField::on(inner, config, on)?;
+        let sol = solve(&field, solver.solver().as_ref(), &x, 0.0, 1.0, opts)?;
         out.extend(sol.x.flatten_all()?.to_vec1::<f32>()?);
         if sol.stats.nfe >= worst.nfe {
             worst = sol.stats;

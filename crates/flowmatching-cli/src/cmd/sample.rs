@@ -6,10 +6,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::checkpoint::Checkpoint;
-use flowmatching::field::VelocityField;
 use flowmatching::likelihood::{sample_with_log_prob, Divergence, LikelihoodOptions};
 use flowmatching::nn::Model;
-use flowmatching::path::{ScheduleTransformed, SchedulerConfig};
+use flowmatching::path::SchedulerConfig;
 use flowmatching::sample::RunField;
 use flowmatching::sample::{transport_on, Conditioning};
 use flowmatching::solver::{Solution, SolveOptions, SolverKind, Stats, Status, StepControl};
@@ -91,15 +90,7 @@ fn with_log_prob(
     control: StepControl,
 ) -> Result<(Vec<f32>, Solution, Vec<f64>)> {
     let dim = config.model.dim();
-    let field = RunField::new(model, config)?;
-    let moved;
-    let field: &dyn VelocityField = match on {
-        Some(s) => {
-            moved = ScheduleTransformed::new(&field, &config.path, s)?;
-            &moved
-        }
-        None => &field,
-    };
+    let field = RunField::on(model, config, on)?;
     let n = x0.len() / dim;
     let x0 = candle_core::Tensor::from_vec(x0, (n, dim), &Device::Cpu)?;
     let opts = LikelihoodOptions {
@@ -108,7 +99,7 @@ fn with_log_prob(
         control,
         seed: 0,
     };
-    let s = sample_with_log_prob(field, &x0, &opts)?;
+    let s = sample_with_log_prob(&field, &x0, &opts)?;
     let x = s.x1.flatten_all()?.to_vec1::<f32>()?;
     let sol = Solution {
         x: s.x1,
