@@ -193,16 +193,7 @@ impl Outputs {
 
     /// Creates `dir` and the folders above it that are missing, remembering which ones it made.
     fn create_folders(&mut self, dir: &Path) -> Result<()> {
-        let mut missing = vec![];
-        let mut d = dir;
-        while !d.as_os_str().is_empty() && !d.exists() {
-            missing.push(d.to_path_buf());
-            match d.parent() {
-                Some(p) => d = p,
-                None => break,
-            }
-        }
-        for m in missing.into_iter().rev() {
+        for m in crate::io::missing_folders(dir).into_iter().rev() {
             std::fs::create_dir(&m)
                 .with_context(|| format!("cannot create output folder {}", m.display()))?;
             self.created.push(m);
