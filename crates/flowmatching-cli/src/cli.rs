@@ -196,6 +196,8 @@ pub enum Preset {
     Quick,
     /// The checked-in report: 20,000 steps per objective.
     Default,
+    /// Images on a 2-core CPU (about two hours); on 2-D data the same as `default`.
+    Cpu,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +235,10 @@ pub struct AblateArgs {
     /// Rewrite report.md from the results.json already in --out (no training).
     #[arg(long)]
     pub report_only: bool,
+    /// Continue the interrupted ablation in --out (same data, preset, sizes and seed): finished
+    /// objectives are kept, the one in progress continues from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

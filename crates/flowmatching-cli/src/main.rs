@@ -1,6 +1,7 @@
 //! The `flowmatching` command. Argument parsing lives in [`cli`]; each subcommand is a small module in
 //! [`cmd`] that calls the library.
 
+mod ablation_out;
 mod cli;
 mod cmd;
 #[cfg(test)]

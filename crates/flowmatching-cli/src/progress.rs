@@ -46,8 +46,8 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
 pub struct RunBars(Option<ProgressBar>);
 
 impl RunBars {
-    pub fn start(&mut self, steps: u64) {
-        self.0 = Some(training_bar(steps, 0));
+    pub fn start(&mut self, from: u64, steps: u64) {
+        self.0 = Some(training_bar(steps, from));
     }
 
     pub fn step(&self, step: u64, loss: f64) {

@@ -305,7 +305,7 @@ fn help_explains_the_commands() {
 fn ablate_quick_smoke() {
     let dir = tmpdir("ablate");
     let out = dir.join("report");
-    let o = run(&[
+    let args = [
         "ablate",
         "--preset",
         "quick",
@@ -315,8 +315,26 @@ fn ablate_quick_smoke() {
         "moons",
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read_to_string(out.join("results.json")).unwrap();
+    // The folder holds a run now: a fresh run refuses it, --resume needs the same settings, and
+    // resuming a finished run measures nothing again.
+    let o = run(&args);
+    assert_clean_failure(&o, "holds an ablation already: --resume continues it");
+    let o = run(&[&args[..], &["--resume", "--seed", "1"]].concat());
+    assert_clean_failure(&o, "was started with other settings (data moons, seed 0");
+    let o = run(&[&args[..], &["--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("already measured").count(), 5);
+    let again = std::fs::read_to_string(out.join("results.json")).unwrap();
+    let without_seconds = |t: &str| -> String {
+        t.lines()
+            .filter(|l| !l.trim_start().starts_with("\"seconds\""))
+            .collect()
+    };
+    assert_eq!(without_seconds(&again), without_seconds(&first));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for name in [
         "DDPM",

@@ -138,6 +138,12 @@ fn catalogue(d: &Path) -> Vec<Case> {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
+    // A folder an ablation claimed (its run.json, here not a valid record).
+    let claimed = d.join("claimed");
+    std::fs::create_dir_all(&claimed).unwrap();
+    std::fs::write(claimed.join("run.json"), "{}").unwrap();
+    let unclaimed = d.join("unclaimed");
+
     let junk = d.join("junk.npy");
     std::fs::write(&junk, b"not an npy at all").unwrap();
     let ints = d.join("ints.npy");
@@ -907,6 +913,38 @@ fn catalogue(d: &Path) -> Vec<Case> {
             ],
             "a time grid places fixed steps",
             &[&samples],
+        ),
+        case(
+            "E74",
+            &["ablate", "--data", "moons", "--out", &s(&claimed)],
+            "holds an ablation already: --resume continues it",
+            &[&claimed.join("report.md")],
+        ),
+        case(
+            "E75",
+            &[
+                "ablate",
+                "--data",
+                "moons",
+                "--resume",
+                "--out",
+                &s(&unclaimed),
+            ],
+            "holds no ablation to continue",
+            &[&unclaimed],
+        ),
+        case(
+            "E76",
+            &[
+                "ablate",
+                "--data",
+                "moons",
+                "--resume",
+                "--out",
+                &s(&claimed),
+            ],
+            "is not the record of an ablation",
+            &[&claimed.join("report.md")],
         ),
     ]
 }

@@ -7,24 +7,25 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use flowmatching::data::DataSource;
+use flowmatching::eval::frechet::GaussianStats;
 use flowmatching::experiments::ablation::{
-    self, energy_distance_name, Ablation, Evaluator, ObjectiveResult, Observer, Quality, Results,
-    Sizes,
+    self, energy_distance_name, Ablation, Evaluator, Quality, Results, Sizes,
 };
 use flowmatching::objective::Objective;
 use flowmatching::rng::Rng;
-use flowmatching::train::Trainer;
 
+use crate::ablation_out::{claim_out, Reporter, RunKey};
 use crate::cli::{AblateArgs, Preset};
 
-use crate::report::ablation::{figures, file_name, paths, picture, write_report};
-use crate::{io, memory, plot, progress};
+use crate::report::ablation::{figures, file_name, paths, write_report};
+use crate::{io, memory, plot};
 
 /// The preset's sizes with the command line's overrides.
 fn sizes(a: &AblateArgs, image: bool) -> Result<Sizes> {
     let preset = match a.preset {
         Preset::Quick => ablation::Preset::Quick,
         Preset::Default => ablation::Preset::Default,
+        Preset::Cpu => ablation::Preset::Cpu,
     };
     let mut s = Sizes::preset(preset, image);
     if let Some(steps) = a.steps {
@@ -65,47 +66,6 @@ fn reference_set(data: &str) -> String {
     }
 }
 
-/// Progress bars, the Figure 4 picture and a checkpoint for each objective as it finishes.
-struct Reporter<'a> {
-    out: &'a Path,
-    image: Option<[usize; 3]>,
-    window: (f32, f32),
-    bars: progress::RunBars,
-}
-
-impl Observer for Reporter<'_> {
-    fn started(&mut self, objective: Objective, steps: u64) {
-        eprintln!("ablate: {} ({steps} steps)", objective.name());
-        self.bars.start(steps);
-    }
-
-    fn step(&mut self, step: u64, loss: f64) {
-        self.bars.step(step, loss);
-    }
-
-    fn finished(
-        &mut self,
-        trainer: &Trainer,
-        row: &[Vec<f32>],
-        r: &ObjectiveResult,
-    ) -> Result<(), flowmatching::Error> {
-        self.bars.finish();
-        let name = file_name(r.objective);
-        picture(
-            &self.out.join(format!("samples-{name}.png")),
-            row,
-            self.image,
-            self.window,
-        )
-        .map_err(|e| flowmatching::Error::Data(format!("{e:#}")))?;
-        flowmatching::checkpoint::save(
-            trainer,
-            &self.out.join("checkpoints").join(name),
-            Some(r.final_loss),
-        )
-    }
-}
-
 /// The quality measure: the energy distance to fresh points, or FD against the reference images.
 fn quality(
     a: &AblateArgs,
@@ -141,6 +101,7 @@ fn command(a: &AblateArgs, cpu: bool) -> String {
     let preset = match a.preset {
         Preset::Quick => "quick",
         Preset::Default => "default",
+        Preset::Cpu => "cpu",
     };
     let mut command = format!(
         "flowmatching ablate --data {} --out {} --preset {preset}",
@@ -257,13 +218,42 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         held_out,
         image,
     };
-    io::ensure_dir(&a.out)?;
+    // FD's floor and ceiling at this sample size: real training images, and a Gaussian of their pixels.
+    let (fd_floor, fd_gaussian) = match image {
+        Some(shape) => {
+            let mut rng = Rng::new(a.seed).fork(302);
+            let real = data.sample(&mut rng, s.samples);
+            let pixels = GaussianStats::of(&real, shape.iter().product())?;
+            let gauss = pixels.sample(&mut rng, s.samples)?;
+            (
+                Some(experiment.eval.distance(&real)?),
+                Some(experiment.eval.distance(&gauss)?),
+            )
+        }
+        None => (None, None),
+    };
+    claim_out(
+        &a.out,
+        a.resume,
+        &RunKey {
+            data: a.data.clone(),
+            seed: a.seed,
+            sizes: s,
+            model: model_config.clone(),
+        },
+    )?;
+    eprintln!(
+        "ablate: saving progress in {}; an interrupted run continues with --resume",
+        a.out.display()
+    );
     let started = Instant::now();
     let mut reporter = Reporter {
         out: &a.out,
         image,
         window,
+        device: device.clone(),
         bars: Default::default(),
+        carried: 0.0,
     };
     let results = experiment.run(&mut reporter)?;
     if let Quality::Energy { reference, .. } = &experiment.eval.quality {
@@ -279,8 +269,10 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         },
         model: Some(ablation::describe(&model_config)),
         seed: a.seed,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: started.elapsed().as_secs_f64() + reporter.carried,
         sizes: s,
+        fd_floor,
+        fd_gaussian,
         results,
     };
     io::write_json(&a.out.join("results.json"), &r)?;

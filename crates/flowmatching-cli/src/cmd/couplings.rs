@@ -23,7 +23,7 @@ struct Reporter<'a> {
 impl Observer for Reporter<'_> {
     fn started(&mut self, name: &str, steps: u64) {
         eprintln!("{name}: training {steps} steps");
-        self.bars.start(steps);
+        self.bars.start(0, steps);
     }
 
     fn step(&mut self, step: u64, loss: f64) {

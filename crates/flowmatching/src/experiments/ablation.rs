@@ -33,6 +33,9 @@ pub const TOL: f64 = 1e-5;
 /// Default cap on adaptive steps in evaluations (a score model can need very many).
 pub const MAX_STEPS: usize = 2000;
 
+/// The least step cap of Figure 7's tight-tolerance reference solves (they are few samples).
+pub const REFERENCE_STEPS: usize = 500;
+
 /// How big a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
@@ -40,6 +43,8 @@ pub enum Preset {
     Quick,
     /// The checked-in report's size.
     Default,
+    /// Images on a 2-core CPU in about two hours (2-D data: the default preset).
+    Cpu,
 }
 
 /// Sizes of a run.
@@ -88,8 +93,13 @@ impl Sizes {
             // Sized for a GPU: the tiny U-Net steps in ~80 ms on an H100 at batch 128, so 5 x 600
             // steps are ~4 minutes of training.
             (true, Preset::Default) => base(32, 128, 600, 4, 1000, 100, 100, 100, 1000, 500),
+            // Sized by measurement on a 2-core AMD EPYC (AVX2): the 16-channel `tiny` layout steps in
+            // 0.33 s at batch 64 and evaluates an image in 1.4 ms, so FD on 2,000 samples at eight
+            // fixed budgets (~6 minutes) and at the adaptive NFE (~10 minutes at 200 NFE) dominate
+            // each objective's ~22 minutes.
+            (true, Preset::Cpu) => base(16, 64, 800, 4, 2000, 32, 32, 32, 500, 100),
             (false, Preset::Quick) => base(128, 512, 3000, 6, 3000, 500, 1000, 500, 0, MAX_STEPS),
-            (false, Preset::Default) => base(
+            (false, Preset::Default | Preset::Cpu) => base(
                 256, 1024, 20_000, 10, 10_000, 2000, 5000, 2000, 0, MAX_STEPS,
             ),
         }
@@ -129,6 +139,10 @@ pub struct ObjectiveResult {
     pub name: String,
     pub final_loss: f64,
     pub train_seconds: f64,
+    /// Wall time of the objective: training, the Figure 10 solves and the final measurements (summed
+    /// over the runs of an interrupted ablation).
+    #[serde(default)]
+    pub seconds: f64,
     pub adaptive_nfe: Option<usize>,
     #[serde(alias = "adaptive_energy_distance")]
     pub adaptive_distance: Option<f64>,
@@ -161,6 +175,12 @@ pub struct Results {
     pub seed: u64,
     pub seconds: f64,
     pub sizes: Sizes,
+    /// Images: FD of as many real training images as samples (the floor of this sample size), and of
+    /// draws from a Gaussian with the training images' mean and covariance (the ceiling).
+    #[serde(default)]
+    pub fd_floor: Option<f64>,
+    #[serde(default)]
+    pub fd_gaussian: Option<f64>,
     pub results: Vec<ObjectiveResult>,
 }
 
@@ -311,10 +331,49 @@ impl Evaluator {
     }
 }
 
-/// What a caller is told while the ablation runs (progress, checkpoints, pictures).
+/// One objective's training record up to a Figure 10 point. With the trainer saved at the same step it
+/// is enough to continue the objective exactly where an interrupted run stopped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The training step of the record (the trainer's step count).
+    pub step: u64,
+    pub last_loss: f64,
+    /// Training time so far (evaluations excluded).
+    pub train_seconds: f64,
+    /// Wall time so far (evaluations included).
+    #[serde(default)]
+    pub seconds: f64,
+    pub loss_curve: Vec<(u64, f64)>,
+    pub nfe_curve: Vec<(u64, Option<usize>)>,
+}
+
+/// What a caller is told while the ablation runs (progress, checkpoints, pictures), and where an
+/// interrupted run's state comes back from.
 pub trait Observer {
-    /// Training of `objective` starts.
-    fn started(&mut self, _objective: Objective, _steps: u64) {}
+    /// The result of `objective` if an earlier run of the same ablation finished it (None: train it).
+    fn finished_before(&mut self, _objective: Objective) -> Result<Option<ObjectiveResult>> {
+        Ok(None)
+    }
+    /// The trainer and record an earlier run of the same ablation saved at `objective`'s last Figure 10
+    /// point ([`Observer::progress`]); None starts the objective afresh.
+    fn resume(
+        &mut self,
+        _objective: Objective,
+        _config: &RunConfig,
+    ) -> Result<Option<(Trainer, Progress)>> {
+        Ok(None)
+    }
+    /// Training of `objective` reached a Figure 10 point: the place to save `trainer` and `progress`.
+    fn progress(
+        &mut self,
+        _objective: Objective,
+        _trainer: &Trainer,
+        _progress: &Progress,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Training of `objective` starts (or continues from `from`).
+    fn started(&mut self, _objective: Objective, _from: u64, _steps: u64) {}
     /// One training step finished.
     fn step(&mut self, _step: u64, _loss: f64) {}
     /// `objective` is trained and measured; `row` holds its Figure 4 samples (midpoint at each budget
@@ -361,30 +420,50 @@ impl Ablation<'_> {
     }
 
     /// Trains one objective, measuring the adaptive NFE on a fixed batch of noise at evenly spaced
-    /// steps (Figure 10), then measures the final EMA model.
+    /// steps (Figure 10), then measures the final EMA model. An objective the observer has a result
+    /// for is not run again; one it has a saved trainer for continues from it.
     pub fn run_objective(
         &self,
         obj: Objective,
         observer: &mut dyn Observer,
     ) -> Result<ObjectiveResult> {
+        if let Some(done) = observer.finished_before(obj)? {
+            return Ok(done);
+        }
         let s = &self.sizes;
         let cfg = run_config(obj, s, self.seed, &self.data_name, self.network());
-        let mut trainer = Trainer::new(cfg.clone(), &self.eval.device)?;
-        observer.started(obj, s.steps);
+        let (mut trainer, mut progress) = match observer.resume(obj, &cfg)? {
+            Some((trainer, progress)) => {
+                if trainer.step_count() != progress.step || trainer.config() != &cfg {
+                    return Err(Error::Data(format!(
+                        "{}: the saved trainer (step {}) does not continue the saved record (step {}) \
+                         of this configuration",
+                        obj.name(),
+                        trainer.step_count(),
+                        progress.step
+                    )));
+                }
+                (trainer, progress)
+            }
+            None => (
+                Trainer::new(cfg.clone(), &self.eval.device)?,
+                Progress::default(),
+            ),
+        };
+        observer.started(obj, progress.step, s.steps);
+        let (wall, carried) = (std::time::Instant::now(), progress.seconds);
         let every = (s.steps / s.checkpoints.max(1)).max(1);
-        let t0 = std::time::Instant::now();
-        let (mut loss_curve, mut nfe_curve) = (vec![], vec![]);
-        let (mut acc, mut count, mut last) = (0.0, 0u64, f64::NAN);
-        let mut eval_seconds = 0.0;
+        let mut t0 = std::time::Instant::now();
+        let (mut acc, mut count) = (0.0, 0u64);
         while trainer.step_count() < s.steps {
-            last = trainer.step(self.data)?;
-            acc += last;
+            progress.last_loss = trainer.step(self.data)?;
+            acc += progress.last_loss;
             count += 1;
             let step = trainer.step_count();
-            observer.step(step, last);
+            observer.step(step, progress.last_loss);
             if step % every == 0 || step == s.steps {
-                let e0 = std::time::Instant::now();
-                loss_curve.push((step, acc / count as f64));
+                progress.train_seconds += t0.elapsed().as_secs_f64();
+                progress.loss_curve.push((step, acc / count as f64));
                 (acc, count) = (0.0, 0);
                 let model = trainer.ema_model()?;
                 let control = adaptive(TOL, s.max_adaptive_steps)?;
@@ -396,39 +475,50 @@ impl Ablation<'_> {
                     control,
                     self.seed + 7,
                 )?;
-                nfe_curve.push((step, r.map(|r| r.1)));
-                eval_seconds += e0.elapsed().as_secs_f64();
+                progress.nfe_curve.push((step, r.map(|r| r.1)));
+                progress.step = step;
+                progress.seconds = carried + wall.elapsed().as_secs_f64();
+                observer.progress(obj, &trainer, &progress)?;
+                t0 = std::time::Instant::now();
             }
         }
-        let train_seconds = t0.elapsed().as_secs_f64() - eval_seconds;
         let model = trainer.ema_model()?;
-        let (mut result, row) = self.measure(obj, &model, &cfg)?;
-        result.final_loss = last;
-        result.train_seconds = train_seconds;
-        result.nfe_during_training = nfe_curve;
-        result.loss_curve = loss_curve;
+        // The last Figure 10 point solved this very model: if that hit the step cap, so would the
+        // larger solve (at many times the cost), so it is reported as capped without running it.
+        let adaptive_fits = progress.nfe_curve.last().is_none_or(|(_, n)| n.is_some());
+        let (mut result, row) = self.measure(obj, &model, &cfg, adaptive_fits)?;
+        result.final_loss = progress.last_loss;
+        result.train_seconds = progress.train_seconds;
+        result.seconds = carried + wall.elapsed().as_secs_f64();
+        result.nfe_during_training = progress.nfe_curve;
+        result.loss_curve = progress.loss_curve;
         observer.finished(&trainer, &row, &result)?;
         Ok(result)
     }
 
     /// The Table 1 and Figure 7 measurements of a trained model (training fields left empty), and its
     /// Figure 4 row: midpoint samples at each budget from the same noise, then the adaptive ones.
+    /// `try_adaptive` false skips the adaptive sampling solve (reported as capped).
     pub fn measure(
         &self,
         obj: Objective,
         model: &Model,
         cfg: &RunConfig,
+        try_adaptive: bool,
     ) -> Result<(ObjectiveResult, Vec<Vec<f32>>)> {
         let s = &self.sizes;
         let seed = self.seed + 1;
-        let adaptive_run = self.eval.draw(
-            model,
-            cfg,
-            s.samples,
-            SolverKind::Dopri5,
-            adaptive(TOL, s.max_adaptive_steps)?,
-            seed,
-        )?;
+        let adaptive_run = match try_adaptive {
+            true => self.eval.draw(
+                model,
+                cfg,
+                s.samples,
+                SolverKind::Dopri5,
+                adaptive(TOL, s.max_adaptive_steps)?,
+                seed,
+            )?,
+            false => None,
+        };
         let (mut fixed, mut row) = (vec![], vec![]);
         for kind in [SolverKind::Euler, SolverKind::Midpoint] {
             for nfe in NFES {
@@ -463,6 +553,7 @@ impl Ablation<'_> {
             name: obj.name().to_string(),
             final_loss: f64::NAN,
             train_seconds: 0.0,
+            seconds: 0.0,
             adaptive_nfe,
             adaptive_distance: distance,
             adaptive_in_support_fraction: support,
@@ -508,7 +599,8 @@ impl Ablation<'_> {
 }
 
 /// Figure 7: per solver, (NFE, mean Euclidean distance of fixed-step samples to a Dopri5 solution at
-/// 1e-7 from the same noise). Empty when the reference solve hits the step cap.
+/// 1e-7 from the same noise). The reference may take [`REFERENCE_STEPS`] steps even where sampling
+/// solves are capped lower; the curves are empty when it hits that cap too.
 pub fn numerical_error(
     eval: &Evaluator,
     model: &Model,
@@ -517,7 +609,7 @@ pub fn numerical_error(
     seed: u64,
 ) -> Result<ErrorCurves> {
     let dim = cfg.model.dim();
-    let control = adaptive(1e-7, eval.max_steps)?;
+    let control = adaptive(1e-7, eval.max_steps.max(REFERENCE_STEPS))?;
     let Some((reference, _)) = eval.draw(model, cfg, n, SolverKind::Dopri5, control, seed)? else {
         return Ok(vec![]);
     };
@@ -600,6 +692,105 @@ mod tests {
     use super::*;
     use crate::data::Toy2d;
 
+    /// A small 2-D ablation of 8 Gaussians (MLP of `hidden` units, samples capped at `samples`).
+    fn small_2d(data: &Toy2d, sizes: Sizes) -> Ablation<'_> {
+        Ablation {
+            data,
+            data_name: "8gaussians".into(),
+            sizes,
+            seed: 0,
+            eval: Evaluator {
+                device: Device::Cpu,
+                max_steps: sizes.max_adaptive_steps,
+                batch: 0,
+                quality: Quality::Energy {
+                    reference: data.sample(&mut Rng::new(1), sizes.samples),
+                    checkerboard: false,
+                },
+            },
+            held_out: data.sample(&mut Rng::new(2), sizes.nll_points),
+            image: None,
+        }
+    }
+
+    /// Keeps what a command-line observer keeps on disk (checkpoints in `dir`, records and results
+    /// in memory) and fails once at `stop`'s Figure 10 point, as a Ctrl-C would.
+    struct Interrupting {
+        dir: std::path::PathBuf,
+        stop: Option<(Objective, u64)>,
+        records: Vec<(Objective, Progress)>,
+        results: Vec<ObjectiveResult>,
+    }
+
+    impl Observer for Interrupting {
+        fn finished_before(&mut self, obj: Objective) -> Result<Option<ObjectiveResult>> {
+            Ok(self.results.iter().find(|r| r.objective == obj).cloned())
+        }
+
+        fn resume(&mut self, obj: Objective, _: &RunConfig) -> Result<Option<(Trainer, Progress)>> {
+            let Some((_, p)) = self.records.iter().find(|(o, _)| *o == obj) else {
+                return Ok(None);
+            };
+            let ck = crate::checkpoint::Checkpoint::load(&self.dir.join(obj.name()), &Device::Cpu)?;
+            Ok(Some((ck.into_trainer(&Device::Cpu)?, p.clone())))
+        }
+
+        fn progress(&mut self, obj: Objective, trainer: &Trainer, p: &Progress) -> Result<()> {
+            crate::checkpoint::save(trainer, &self.dir.join(obj.name()), None)?;
+            self.records.retain(|(o, _)| *o != obj);
+            self.records.push((obj, p.clone()));
+            if self.stop == Some((obj, p.step)) {
+                self.stop = None;
+                return Err(Error::Data("interrupted".into()));
+            }
+            Ok(())
+        }
+
+        fn finished(&mut self, _: &Trainer, _: &[Vec<f32>], r: &ObjectiveResult) -> Result<()> {
+            self.results.push(r.clone());
+            Ok(())
+        }
+    }
+
+    /// An ablation interrupted in its second objective and resumed gives exactly the results of one
+    /// that ran through: the finished objective is not trained again, the interrupted one continues
+    /// from its saved trainer and record.
+    #[test]
+    fn interrupted_ablation_resumes_exactly() {
+        let data = Toy2d::from_name("8gaussians").unwrap();
+        let mut sizes = Sizes::preset(Preset::Quick, false);
+        (sizes.hidden, sizes.batch, sizes.steps, sizes.checkpoints) = (16, 64, 60, 3);
+        sizes.cap_samples(64);
+        sizes.max_adaptive_steps = 100;
+        let ablation = small_2d(&data, sizes);
+        let untimed = |mut r: Vec<ObjectiveResult>| {
+            r.iter_mut()
+                .for_each(|r| (r.train_seconds, r.seconds) = (0.0, 0.0));
+            r
+        };
+        let straight = untimed(ablation.run(&mut ()).unwrap());
+
+        let dir = std::env::temp_dir().join(format!("fm-ablate-resume-{}", std::process::id()));
+        let second = Objective::ALL[1];
+        let mut obs = Interrupting {
+            dir: dir.clone(),
+            stop: Some((second, 40)),
+            records: vec![],
+            results: vec![],
+        };
+        let err = ablation.run(&mut obs).unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert_eq!(obs.results.len(), 1, "the first objective finished");
+        let resumed = untimed(ablation.run(&mut obs).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            obs.results.len(),
+            5,
+            "the first objective was not measured again"
+        );
+        assert_eq!(resumed, straight);
+    }
+
     /// A tiny 2-D ablation end to end: every objective trains, every cell is measured, and the numbers
     /// are what they must be (budgets exact, FM-OT learns the data better than chance, the error of
     /// fixed steps falls with the NFE).
@@ -614,23 +805,7 @@ mod tests {
         sizes.cap_samples(200);
         sizes.max_adaptive_steps = 200;
         let reference = data.sample(&mut Rng::new(1), sizes.samples);
-        let ablation = Ablation {
-            data: &data,
-            data_name: "8gaussians".into(),
-            sizes,
-            seed: 0,
-            eval: Evaluator {
-                device: Device::Cpu,
-                max_steps: sizes.max_adaptive_steps,
-                batch: 0,
-                quality: Quality::Energy {
-                    reference: reference.clone(),
-                    checkerboard: false,
-                },
-            },
-            held_out: data.sample(&mut Rng::new(2), sizes.nll_points),
-            image: None,
-        };
+        let ablation = small_2d(&data, sizes);
         let results = ablation.run(&mut ()).unwrap();
         assert_eq!(results.len(), 5);
         for r in &results {
