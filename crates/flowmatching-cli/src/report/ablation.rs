@@ -416,7 +416,8 @@ fn orderings(r: &[ObjectiveResult], metric: &str) -> String {
                 .join(", ")
         };
         out += &format!(
-            "- {} that DDPM and FM on the diffusion path train well while the score objectives degrade: {metric}              ({basis}) {} against {}.\n",
+            "- {} that DDPM and FM on the diffusion path train well while the score objectives degrade: \
+             {metric} ({basis}) {} against {}.\n",
             if worst_stable < best_score { "**Reproduced**:" } else { "**Not reproduced**: the claim" },
             list(&stable),
             list(&score)
