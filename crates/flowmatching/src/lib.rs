@@ -25,6 +25,7 @@
 //! - [`likelihood`]: log-likelihoods by the instantaneous change of variables;
 //! - [`train`]: the CFM training step and its configuration; [`checkpoint`]: atomic, checksummed
 //!   checkpoints with exact resume;
+//! - [`audio`]: the STFT, log-mel spectrograms, Griffin-Lim phase reconstruction and WAV files;
 //! - [`sample`]: drawing samples from a trained model (batched, guided, from noise or a source);
 //! - [`reflow`]: one round of rectified flow (pairs from a trained model, the next run's config);
 //! - [`eval`]: sample-quality metrics, the image classifier, the Frechet distance, straightness and the
@@ -90,6 +91,8 @@ pub mod likelihood;
 
 pub mod checkpoint;
 pub mod train;
+
+pub mod audio;
 
 pub mod reflow;
 pub mod sample;

@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "likelihood",
     "train",
     "checkpoint",
+    "audio",
     "sample",
     "reflow",
     "eval",
