@@ -836,10 +836,11 @@ mod tests {
             .find(|(k, _)| *k == SolverKind::Midpoint)
             .unwrap();
         assert!(midpoint.last().unwrap().1 < midpoint[0].1, "{midpoint:?}");
-        // Doubling the NFE halves Euler's error (first order) and quarters the midpoint's (second).
+        // Doubling the NFE halves Euler's error (first order) and quarters the midpoint's (second),
+        // once the steps are small: from 32 to 64 NFE.
         let ratio = |kind: SolverKind| {
             let (_, c) = ot.numerical_error.iter().find(|(k, _)| *k == kind).unwrap();
-            c[0].1 / c[1].1
+            c[3].1 / c[4].1
         };
         assert!(
             (1.6..2.5).contains(&ratio(SolverKind::Euler)),

@@ -379,6 +379,15 @@ impl FlatAdamW {
     }
 }
 
+/// The decay of EMA update number `n` (counted from 0): min(decay, (1 + n) / (10 + n)), the warm-up of
+/// TensorFlow's `ExponentialMovingAverage(num_updates=n)`. Without it an average with decay 0.999 still
+/// holds 0.999^800 = 45% of the random initialisation after 800 steps; with it the initialisation's
+/// weight after n updates is at most prod_k (1 + k) / (10 + k) = 9! n! / (n + 9)!, below 1e-12 at
+/// n = 100.
+pub fn ema_decay_at(decay: f64, n: u64) -> f64 {
+    decay.min((1.0 + n as f64) / (10.0 + n as f64))
+}
+
 /// ema <- decay ema + (1 - decay) theta on host slices.
 pub(crate) fn ema_update(ema: &mut [f32], theta: &[f32], decay: f64) {
     let (d, a) = (decay as f32, (1.0 - decay) as f32);
@@ -447,8 +456,8 @@ pub fn scheduled_lr(lr: f64, step: u64, warmup: u64, total: u64, decay: LrDecay)
     }
 }
 
-/// Exponential moving average of the weights: ema <- decay ema + (1 - decay) theta, kept as one flat
-/// vector over all parameters (see [`flatten`]).
+/// Exponential moving average of the weights: ema <- d_n ema + (1 - d_n) theta with the warmed-up decay
+/// d_n of [`ema_decay_at`], kept as one flat vector over all parameters (see [`flatten`]).
 #[derive(Debug, Clone)]
 pub struct Ema {
     pub decay: f64,
@@ -468,13 +477,14 @@ impl Ema {
         })
     }
 
-    pub fn update(&mut self, params: &Params) -> Result<()> {
-        self.update_flat(&flatten_params(params)?)
+    /// Update number `n` (counted from 0), at decay [`ema_decay_at`]`(decay, n)`.
+    pub fn update(&mut self, params: &Params, n: u64) -> Result<()> {
+        self.update_flat(&flatten_params(params)?, n)
     }
 
     /// [`Ema::update`] from the flat parameter vector (as [`AdamW::step_flat`] returns it).
-    pub fn update_flat(&mut self, theta: &Tensor) -> Result<()> {
-        let d = self.decay;
+    pub fn update_flat(&mut self, theta: &Tensor, n: u64) -> Result<()> {
+        let d = ema_decay_at(self.decay, n);
         self.values = (self.values.affine(d, 0.0)? + theta.detach().affine(1.0 - d, 0.0)?)?;
         Ok(())
     }
@@ -501,6 +511,16 @@ impl Ema {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ema_warm_up_forgets_the_initialisation_in_short_runs() {
+        assert_eq!(ema_decay_at(0.999, 0), 0.1);
+        assert_eq!(ema_decay_at(0.999, 1_000_000), 0.999);
+        // The initialisation's weight after n updates: the product of the decays.
+        let share = |n: u64| (0..n).map(|k| ema_decay_at(0.999, k)).product::<f64>();
+        assert!(share(100) < 1e-12, "{}", share(100));
+        assert!((share(800) - 0.999f64.powi(800)).abs() > 0.4);
+    }
+
     use super::*;
     use crate::nn::{MlpConfig, ModelConfig};
     use crate::rng::Rng;

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::nn::MlpEngine;
 use crate::objective::Weighting;
 use crate::optim::{
-    clip_flat, ema_update, flatten, scheduled_lr, AdamW, AdamWConfig, Ema, FlatAdamW, LrDecay,
+    clip_flat, ema_decay_at, ema_update, flatten, scheduled_lr, AdamW, AdamWConfig, Ema, FlatAdamW,
+    LrDecay,
 };
 use crate::path::SchedulerConfig;
 use crate::path::{AffinePath, Prediction};
@@ -517,7 +518,7 @@ impl Trainer {
                 }
                 let theta = opt.step_flat(&self.params, &g, lr)?;
                 if c.ema_decay > 0.0 {
-                    ema.update_flat(&theta)?;
+                    ema.update_flat(&theta, step)?;
                 }
                 value
             }
@@ -549,7 +550,7 @@ impl Trainer {
                 let mlp = &mut **mlp;
                 opt.step(&mut mlp.params, &mlp.grads, lr);
                 if c.ema_decay > 0.0 {
-                    ema_update(ema, &mlp.params, c.ema_decay);
+                    ema_update(ema, &mlp.params, ema_decay_at(c.ema_decay, step));
                 }
                 synced.store(false, Ordering::SeqCst);
                 value
