@@ -94,10 +94,11 @@ impl Sizes {
             // steps are ~4 minutes of training.
             (true, Preset::Default) => base(32, 128, 600, 4, 1000, 100, 100, 100, 1000, 500),
             // Sized by measurement on a 2-core AMD EPYC (AVX2): the 16-channel `tiny` layout steps in
-            // 0.33 s at batch 64 and evaluates an image in 1.4 ms, so FD on 2,000 samples at eight
-            // fixed budgets (~6 minutes) and at the adaptive NFE (~10 minutes at 200 NFE) dominate
-            // each objective's ~22 minutes.
-            (true, Preset::Cpu) => base(16, 64, 800, 4, 2000, 32, 32, 32, 500, 100),
+            // 0.33 s at batch 64 and evaluates an image in 1.4 ms. With FD on 2,000 samples one
+            // objective took 37 minutes (DDPM: 5.4 minutes of training, adaptive solves of ~350 NFE
+            // for ~16 minutes, eight fixed budgets for ~6); 1,000 samples halve the sampling, for
+            // ~25 minutes an objective.
+            (true, Preset::Cpu) => base(16, 64, 800, 4, 1000, 32, 32, 32, 500, 100),
             (false, Preset::Quick) => base(128, 512, 3000, 6, 3000, 500, 1000, 500, 0, MAX_STEPS),
             (false, Preset::Default | Preset::Cpu) => base(
                 256, 1024, 20_000, 10, 10_000, 2000, 5000, 2000, 0, MAX_STEPS,
