@@ -38,30 +38,31 @@ impl Default for MelConfig {
     }
 }
 
+/// The Slaney mel scale: 200/3 Hz per mel up to 1 kHz (mel 15), then 27 mels per factor 6.4.
+const F_SP: f64 = 200.0 / 3.0;
+const MIN_LOG_HZ: f64 = 1000.0;
+const MIN_LOG_MEL: f64 = MIN_LOG_HZ / F_SP;
+
+fn log_step() -> f64 {
+    6.4f64.ln() / 27.0
+}
+
 /// Hz to mel on the Slaney scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above
 /// (27 mels per factor 6.4).
 pub fn hz_to_mel(hz: f64) -> f64 {
-    let f_sp = 200.0 / 3.0;
-    let min_log_hz = 1000.0;
-    let min_log_mel = min_log_hz / f_sp;
-    let log_step = 6.4f64.ln() / 27.0;
-    if hz >= min_log_hz {
-        min_log_mel + (hz / min_log_hz).ln() / log_step
+    if hz >= MIN_LOG_HZ {
+        MIN_LOG_MEL + (hz / MIN_LOG_HZ).ln() / log_step()
     } else {
-        hz / f_sp
+        hz / F_SP
     }
 }
 
 /// The inverse of [`hz_to_mel`].
 pub fn mel_to_hz(mel: f64) -> f64 {
-    let f_sp = 200.0 / 3.0;
-    let min_log_hz = 1000.0;
-    let min_log_mel = min_log_hz / f_sp;
-    let log_step = 6.4f64.ln() / 27.0;
-    if mel >= min_log_mel {
-        min_log_hz * ((mel - min_log_mel) * log_step).exp()
+    if mel >= MIN_LOG_MEL {
+        MIN_LOG_HZ * ((mel - MIN_LOG_MEL) * log_step()).exp()
     } else {
-        mel * f_sp
+        mel * F_SP
     }
 }
 
