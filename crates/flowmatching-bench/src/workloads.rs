@@ -68,6 +68,7 @@ pub fn train_config(
             label_dropout: 0.0,
             coupling: Default::default(),
             time_sampling: Default::default(),
+            masking: Default::default(),
         },
         data: "checkerboard".into(),
         source: None,

@@ -369,6 +369,97 @@ impl DataSource for TensorDataset {
     }
 }
 
+/// Sequences of frames with one phone per frame (speech: log-mel frames and their aligned phones), of
+/// unequal lengths, held in memory.
+#[derive(Debug, Clone)]
+pub struct SequenceDataset {
+    name: String,
+    frame_dim: usize,
+    num_phones: usize,
+    frames: Vec<Vec<f32>>,
+    phones: Vec<Vec<u32>>,
+}
+
+impl SequenceDataset {
+    /// `frames[i]` holds sequence i's T_i frames of `frame_dim` values, row-major; `phones[i]` its
+    /// T_i phone ids, each below `num_phones`. Every value must be finite and no sequence empty.
+    pub fn new(
+        name: impl Into<String>,
+        frame_dim: usize,
+        num_phones: usize,
+        frames: Vec<Vec<f32>>,
+        phones: Vec<Vec<u32>>,
+    ) -> Result<Self> {
+        let name = name.into();
+        if frame_dim == 0 || frames.is_empty() || frames.len() != phones.len() {
+            return Err(Error::Data(format!(
+                "{name}: a sequence data set needs at least one sequence, a phone list per sequence \
+                 and frames of at least one value ({} sequences, {} phone lists, {frame_dim} values \
+                 a frame)",
+                frames.len(),
+                phones.len()
+            )));
+        }
+        for (i, (f, p)) in frames.iter().zip(&phones).enumerate() {
+            if p.is_empty() || f.len() != p.len() * frame_dim {
+                return Err(Error::Data(format!(
+                    "{name}: sequence {i} has {} values for {} phones of {frame_dim}-value frames",
+                    f.len(),
+                    p.len()
+                )));
+            }
+            if let Some(&bad) = p.iter().find(|&&id| id as usize >= num_phones) {
+                return Err(Error::Data(format!(
+                    "{name}: sequence {i} has phone id {bad}, outside the {num_phones} phones"
+                )));
+            }
+            if f.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Data(format!(
+                    "{name}: sequence {i} holds a value that is not finite"
+                )));
+            }
+        }
+        Ok(Self {
+            name,
+            frame_dim,
+            num_phones,
+            frames,
+            phones,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn frame_dim(&self) -> usize {
+        self.frame_dim
+    }
+
+    pub fn num_phones(&self) -> usize {
+        self.num_phones
+    }
+
+    /// Sequence i: its frames (row-major) and phones.
+    pub fn sequence(&self, i: usize) -> (&[f32], &[u32]) {
+        (&self.frames[i], &self.phones[i])
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} sequences of {}-value frames, {} phones)",
+            self.name,
+            self.len(),
+            self.frame_dim,
+            self.num_phones
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,7 @@ fn model_device(model: &Model) -> Result<candle_core::Device> {
     // A forward pass on zero rows would do, but every model keeps its weights on one device.
     match model {
         Model::UNet(u) => Ok(u.device()),
+        Model::Transformer(m) => Ok(m.device()),
         _ => Ok(candle_core::Device::Cpu),
     }
 }

@@ -15,9 +15,10 @@
 //! - [`optim`]: AdamW, clipping, learning-rate schedules and EMA;
 //! - [`path`]: schedulers (CondOT with sigma_min, VP, cosine, polynomial) and the affine Gaussian path
 //!   x_t = sigma_t x0 + alpha_t x1, its regression targets and the conversions between predictions;
-//! - [`nn`]: the MLP, the U-Net, their layers and the fused CPU MLP engine;
+//! - [`nn`]: the MLP, the U-Net, the sequence transformer, their layers and the fused CPU MLP engine;
 //! - [`solver`]: ODE solvers, step-size control and solves that return their statistics and status;
 //! - [`guidance`]: classifier-free guidance;
+//! - [`infill`]: masked conditional flow matching for filling spans of sequences (Voicebox);
 //! - [`empirical`]: the exact marginal field of a finite data set;
 //! - [`objective`]: FM-OT, FM-diffusion, DDPM, score matching and ScoreFlow as data;
 //! - [`coupling`]: independent, exact minibatch OT and Sinkhorn pairings of x0 with x1;
@@ -81,6 +82,7 @@ pub mod solver;
 
 pub mod empirical;
 pub mod guidance;
+pub mod infill;
 pub mod objective;
 
 pub mod assignment;

@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "guidance",
     "empirical",
     "objective",
+    "infill",
     "assignment",
     "coupling",
     "data",

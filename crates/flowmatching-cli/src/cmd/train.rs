@@ -92,6 +92,7 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
             label_dropout: a.label_dropout,
             coupling: a.coupling.coupling(a.sinkhorn_reg),
             time_sampling: a.time_sampling,
+            masking: Default::default(),
         },
         data: a.data.clone(),
         source: a.source.clone(),

@@ -223,6 +223,14 @@ pub fn describe(model: &ModelConfig) -> String {
             "unconditional U-Net (`tiny` layout, {} base channels, channel multipliers {:?}, attention at {:?})",
             u.base_channels, u.channel_mults, u.attention_resolutions
         ),
+        ModelConfig::Transformer(c) => format!(
+            "transformer ({} blocks of width {}, {} heads, MLP width {}{})",
+            c.depth,
+            c.width,
+            c.heads,
+            c.ffn_dim,
+            if c.skips { ", U-Net skips" } else { "" }
+        ),
     }
 }
 

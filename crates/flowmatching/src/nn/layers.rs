@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 
 use crate::cpu;
 use crate::error::{Error, Result};
@@ -87,6 +87,26 @@ impl Weights {
         self.norm(name, x, groups, true)
     }
 
+    /// LayerNorm (eps 1e-5) over the last dimension, then a per-feature affine map.
+    pub fn layer_norm(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        let weight = self.get(&format!("{name}.weight"))?;
+        let bias = self.get(&format!("{name}.bias"))?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + cpu::norm::EPS)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+    }
+
+    /// The time embedding of DDPM's networks: [sin(t f), cos(t f)] for the frequencies of
+    /// [`time_frequencies`], then Linear, SiLU, Linear (`{name}.0`, `{name}.1`); t (N,) gives (N, E).
+    pub fn time_embedding(&self, name: &str, t: &Tensor, freqs: &Tensor) -> Result<Tensor> {
+        let arg = t.unsqueeze(1)?.broadcast_mul(freqs)?;
+        let sin = Tensor::cat(&[arg.sin()?, arg.cos()?], 1)?;
+        let e = self.linear(&format!("{name}.0"), &sin)?.silu()?;
+        self.linear(&format!("{name}.1"), &e)
+    }
+
     fn norm(&self, name: &str, x: &Tensor, groups: usize, silu: bool) -> Result<Tensor> {
         let weight = self.get(&format!("{name}.weight"))?;
         let bias = self.get(&format!("{name}.bias"))?;
@@ -96,6 +116,27 @@ impl Weights {
         let y = group_norm_ops(x, weight, bias, groups)?;
         Ok(if silu { y.silu()? } else { y })
     }
+}
+
+/// Softmax over the last dimension from primitive ops, so autograd sees through it (the maximum is
+/// subtracted first, as a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// The `half` frequencies f_k = 1000 exp(-ln(10000) k / half) of the sinusoidal time features (the
+/// Transformer's positional frequencies, with t in [0, 1] scaled by 1000 as in DDPM), as a (1, half) row.
+pub fn time_frequencies(
+    half: usize,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    let f: Vec<f32> = (0..half)
+        .map(|k| 1000.0 * (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
+        .collect();
+    Ok(Tensor::from_vec(f, (1, half), device)?.to_dtype(dtype)?)
 }
 
 /// GroupNorm (eps 1e-5) of x (N, C, H, W) with per-channel weight and bias (C), written with candle ops:

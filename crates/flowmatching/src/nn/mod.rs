@@ -2,6 +2,7 @@
 //!
 //! - [`mlp`]: the MLP v(x, t) and its configuration;
 //! - [`unet`]: the U-Net for images (class-conditional with a null class for guidance);
+//! - [`transformer`]: the transformer for sequences of frames (Voicebox's, for speech infilling);
 //! - [`layers`]: named weights and the layers built from them (dense, convolution, GroupNorm), and the
 //!   choice of convolution implementation ([`ConvImpl`]);
 //! - [`model`]: [`ModelConfig`] (what checkpoints store) and [`Model`] (any of the above);
@@ -11,6 +12,7 @@ mod fused;
 pub mod layers;
 pub mod mlp;
 pub mod model;
+pub mod transformer;
 pub mod unet;
 
 pub use fused::FastMlp;
@@ -18,4 +20,5 @@ pub(crate) use fused::MlpEngine;
 pub use layers::{conv2d, conv2d_gemm_backward, conv_impl, set_conv_impl, ConvImpl};
 pub use mlp::{Activation, Linear, Mlp, MlpConfig, TimeEmbedding};
 pub use model::{Labeled, Model, ModelConfig};
+pub use transformer::{SequenceCondition, Transformer, TransformerConfig};
 pub use unet::{UNet, UNetConfig};

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::fused::FastMlp;
 use super::mlp::Mlp;
+use super::transformer::{SequenceCondition, Transformer};
 use super::unet::UNet;
-use super::{MlpConfig, UNetConfig};
+use super::{MlpConfig, TransformerConfig, UNetConfig};
 use crate::error::{Error, Result};
 use crate::field::VelocityField;
 use crate::params::{Init, Params};
@@ -20,6 +21,7 @@ pub enum ModelConfig {
     Mlp(MlpConfig),
     #[serde(rename = "unet")]
     UNet(UNetConfig),
+    Transformer(TransformerConfig),
 }
 
 impl ModelConfig {
@@ -47,15 +49,19 @@ impl ModelConfig {
         let model = match self {
             ModelConfig::Mlp(c) => Model::Mlp(Mlp::new(*c, &mut params, &mut init)?),
             ModelConfig::UNet(c) => Model::UNet(UNet::new(c.clone(), &mut params, &mut init)?),
+            ModelConfig::Transformer(c) => {
+                Model::Transformer(Transformer::new(*c, &mut params, &mut init)?)
+            }
         };
         Ok((model, params))
     }
 
-    /// The data dimension the model works on.
+    /// The data dimension the model works on (for sequences: the features of one frame).
     pub fn dim(&self) -> usize {
         match self {
             ModelConfig::Mlp(c) => c.dim,
             ModelConfig::UNet(c) => c.dim(),
+            ModelConfig::Transformer(c) => c.frame_dim,
         }
     }
 
@@ -68,6 +74,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mlp(c) => c.validate()?,
             ModelConfig::UNet(c) => c.validate()?,
+            ModelConfig::Transformer(c) => c.validate()?,
         }
         let n = self.approx_params();
         if n > Self::MAX_PARAMS || self.dim() as u128 > Self::MAX_PARAMS {
@@ -104,6 +111,7 @@ impl ModelConfig {
                     .saturating_mul(ch.saturating_mul(ch));
                 convs.saturating_add((c.num_classes as u128 + 1).saturating_mul(4 * ch))
             }
+            ModelConfig::Transformer(c) => c.params(),
         }
     }
 
@@ -124,6 +132,11 @@ impl ModelConfig {
                     peak = peak.max(level);
                 }
                 4 * peak
+            }
+            // A sequence of the longest length: a few (T, width) activations and the scores.
+            ModelConfig::Transformer(c) => {
+                let (t, w) = (c.max_frames as u128, c.width.max(c.ffn_dim) as u128);
+                4 * (8 * t * w + 3 * c.heads as u128 * t * t)
             }
         }
     }
@@ -151,13 +164,20 @@ impl ModelConfig {
                 }
                 4 * total
             }
+            // Per block: about a dozen (T, width or ffn) activations and their gradients, and the
+            // scores, softmax and their gradients, at the longest length.
+            ModelConfig::Transformer(c) => {
+                let (t, w) = (c.max_frames as u128, c.width.max(c.ffn_dim) as u128);
+                let per_block = 24 * t * w + 6 * c.heads as u128 * t * t;
+                4 * per_block.saturating_mul(c.depth as u128 + 1)
+            }
         }
     }
 
     /// Classes the model is conditioned on (0: unconditional).
     pub fn num_classes(&self) -> usize {
         match self {
-            ModelConfig::Mlp(_) => 0,
+            ModelConfig::Mlp(_) | ModelConfig::Transformer(_) => 0,
             ModelConfig::UNet(c) => c.num_classes,
         }
     }
@@ -165,7 +185,7 @@ impl ModelConfig {
     /// (channels, height, width) for image models.
     pub fn image_shape(&self) -> Option<[usize; 3]> {
         match self {
-            ModelConfig::Mlp(_) => None,
+            ModelConfig::Mlp(_) | ModelConfig::Transformer(_) => None,
             ModelConfig::UNet(c) => Some([c.channels, c.height, c.width]),
         }
     }
@@ -178,6 +198,9 @@ pub enum Model {
     /// An MLP evaluated by the fused CPU engine (inference only; see [`Model::frozen`]).
     FastMlp(FastMlp),
     UNet(UNet),
+    /// The sequence transformer; as a [`VelocityField`] it takes (N, T, F) and no conditions (see
+    /// [`crate::infill::InfillField`] for the conditional field).
+    Transformer(Transformer),
 }
 
 impl Model {
@@ -191,6 +214,7 @@ impl Model {
             Model::Mlp(m) => Model::Mlp(m.frozen()),
             Model::FastMlp(m) => Model::FastMlp(m.clone()),
             Model::UNet(m) => Model::UNet(m.frozen()),
+            Model::Transformer(m) => Model::Transformer(m.frozen()),
         })
     }
 
@@ -232,6 +256,7 @@ impl VelocityField for Model {
             Model::Mlp(m) => m.forward(x, t),
             Model::FastMlp(m) => m.forward(x, t),
             Model::UNet(m) => m.forward_cond(x, t, None),
+            Model::Transformer(m) => m.forward_seq(x, t, &SequenceCondition::default()),
         }
     }
 
@@ -239,7 +264,7 @@ impl VelocityField for Model {
         match self {
             Model::Mlp(m) => m.jvp(x, t, u),
             Model::FastMlp(m) => m.jvp(x, t, u),
-            Model::UNet(_) => Ok(None),
+            Model::UNet(_) | Model::Transformer(_) => Ok(None),
         }
     }
 }

@@ -13,10 +13,10 @@
 //! The model works on flat rows (B, C*H*W) like every other velocity field in the crate and reshapes
 //! internally. Weights live in a name -> tensor map whose tensors share storage with the [`Params`].
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Builder, Weights};
+use super::layers::{softmax_last, time_frequencies, Builder, Weights};
 use crate::cpu::upsample::upsample2x;
 use crate::error::{Error, Result};
 use crate::params::{Init, Params};
@@ -264,11 +264,7 @@ impl UNet {
     pub fn new(config: UNetConfig, params: &mut Params, init: &mut Init) -> Result<Self> {
         config.validate()?;
         let (base, emb) = (config.base_channels, config.emb_dim());
-        let half = base / 2;
-        let f: Vec<f32> = (0..half)
-            .map(|k| 1000.0 * (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
-            .collect();
-        let freqs = Tensor::from_vec(f, (1, half), &init.device)?.to_dtype(init.dtype)?;
+        let freqs = time_frequencies(base / 2, &init.device, init.dtype)?;
         let mut b = Builder::new(params, init);
         b.linear("time.0", base, emb)?;
         b.linear("time.1", emb, emb)?;
@@ -366,10 +362,7 @@ impl UNet {
     }
 
     fn embedding(&self, t: &Tensor, labels: Option<&Tensor>, n: usize) -> Result<Tensor> {
-        let arg = t.unsqueeze(1)?.broadcast_mul(&self.freqs)?;
-        let sin = Tensor::cat(&[arg.sin()?, arg.cos()?], 1)?;
-        let e = self.linear("time.0", &sin)?.silu()?;
-        let e = self.linear("time.1", &e)?;
+        let e = self.w.time_embedding("time", t, &self.freqs)?;
         if self.config.num_classes == 0 {
             return Ok(e);
         }
@@ -427,13 +420,6 @@ impl UNet {
         let h = self.norm_silu("out.norm", &h)?;
         Ok(self.conv("out.conv", &h, 1)?.reshape(shape)?)
     }
-}
-
-/// Softmax over the last dimension from primitive ops (so autograd sees through it).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 #[cfg(test)]
@@ -537,48 +523,13 @@ mod tests {
         let loss = |m: &crate::nn::Model| -> Tensor {
             m.forward(&x, &t).unwrap().sqr().unwrap().sum_all().unwrap()
         };
-        let grads = loss(&m).backward().unwrap();
-        let mut checked = 0;
-        for (name, var) in p.iter() {
-            if !(name.contains("conv")
+        let pick = |name: &str| {
+            name.contains("conv")
                 || name.contains("downsample")
                 || name.contains("qkv")
-                || name.contains("norm"))
-            {
-                continue;
-            }
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let i = base.len() / 2;
-            let eps = 1e-5;
-            let at = |delta: f64| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss(&m).to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            assert!(
-                (fd - g[i]).abs() < 1e-5 * (1.0 + fd.abs()),
-                "{name}: fd {fd} vs autograd {}",
-                g[i]
-            );
-            checked += 1;
-        }
+                || name.contains("norm")
+        };
+        let checked = crate::testing::check_gradients(&p, || loss(&m), pick, 1e-5);
         assert!(checked > 10);
     }
 }

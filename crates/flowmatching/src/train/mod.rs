@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::field::VelocityField;
+use crate::infill::SpanMasking;
 use crate::nn::{Labeled, Model, ModelConfig};
 use crate::params::Params;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,10 @@ use crate::path::SchedulerConfig;
 use crate::path::{AffinePath, Prediction};
 use crate::rng::Rng;
 use crate::timesteps::TimeSampling;
+
+mod sequence;
+
+pub use sequence::draw_infill_batch;
 
 /// The checkpoint and config format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -61,10 +66,17 @@ pub struct TrainConfig {
     /// The distribution of the training times t (uniform in checkpoints written before it existed).
     #[serde(default, skip_serializing_if = "is_uniform")]
     pub time_sampling: TimeSampling,
+    /// Sequence models: how the spans to fill in are drawn (masked CFM, see [`crate::infill`]).
+    #[serde(default, skip_serializing_if = "is_default_masking")]
+    pub masking: SpanMasking,
 }
 
 fn is_uniform(t: &TimeSampling) -> bool {
     *t == TimeSampling::Uniform
+}
+
+fn is_default_masking(m: &SpanMasking) -> bool {
+    *m == SpanMasking::default()
 }
 
 impl TrainConfig {
@@ -87,6 +99,7 @@ impl TrainConfig {
             label_dropout: 0.0,
             coupling: crate::coupling::Coupling::Independent,
             time_sampling: TimeSampling::Uniform,
+            masking: SpanMasking::default(),
         }
     }
 }
@@ -105,6 +118,7 @@ impl Default for TrainConfig {
             label_dropout: 0.1,
             coupling: crate::coupling::Coupling::Independent,
             time_sampling: TimeSampling::Uniform,
+            masking: SpanMasking::default(),
         }
     }
 }
@@ -496,31 +510,7 @@ impl Trainer {
                     &t,
                     weights.as_deref(),
                 )?;
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !value.is_finite() {
-                    return Err(diverged(c, step, "the loss"));
-                }
-                let grads = loss.backward()?;
-                let g = self
-                    .params
-                    .iter()
-                    .map(|(name, v)| {
-                        grads
-                            .get(v.as_tensor())
-                            .ok_or_else(|| Error::Config(format!("no gradient for {name}")))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut g = flatten(g)?;
-                if let Some(max) = c.grad_clip {
-                    if !clip_flat(&mut g, max)?.is_finite() {
-                        return Err(diverged(c, step, "the gradient norm"));
-                    }
-                }
-                let theta = opt.step_flat(&self.params, &g, lr)?;
-                if c.ema_decay > 0.0 {
-                    ema.update_flat(&theta, step)?;
-                }
-                value
+                candle_update(&self.params, opt, ema, &loss, c, step, lr)?
             }
             Engine::Fast {
                 mlp,
@@ -680,6 +670,43 @@ impl Trainer {
 }
 
 /// Flat values cut into tensors shaped like `params` (in their order).
+/// The update of the candle engine: backpropagates `loss`, clips the gradient, takes the AdamW step and
+/// updates the EMA; returns the loss value. Stops with a clear error on a non-finite loss or gradient.
+fn candle_update(
+    params: &Params,
+    opt: &mut AdamW,
+    ema: &mut Ema,
+    loss: &Tensor,
+    c: TrainConfig,
+    step: u64,
+    lr: f64,
+) -> Result<f64> {
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !value.is_finite() {
+        return Err(diverged(c, step, "the loss"));
+    }
+    let grads = loss.backward()?;
+    let g = params
+        .iter()
+        .map(|(name, v)| {
+            grads
+                .get(v.as_tensor())
+                .ok_or_else(|| Error::Config(format!("no gradient for {name}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut g = flatten(g)?;
+    if let Some(max) = c.grad_clip {
+        if !clip_flat(&mut g, max)?.is_finite() {
+            return Err(diverged(c, step, "the gradient norm"));
+        }
+    }
+    let theta = opt.step_flat(params, &g, lr)?;
+    if c.ema_decay > 0.0 {
+        ema.update_flat(&theta, step)?;
+    }
+    Ok(value)
+}
+
 fn split(flat: &[f32], params: &Params) -> Result<Vec<Tensor>> {
     let mut off = 0;
     params
