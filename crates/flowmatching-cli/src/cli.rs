@@ -41,6 +41,30 @@ pub enum Command {
     Reflow(ReflowArgs),
     /// Independent vs OT vs Sinkhorn coupling vs reflow on one data set: a report with plots.
     Couplings(CouplingsArgs),
+    /// Synthesise a speech corpus with espeak-ng: log-mel frames, the phone of every frame, speakers,
+    /// a train/test split by sentence, and a few WAV files to listen to.
+    SpeechCorpus(SpeechCorpusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpeechCorpusArgs {
+    /// Output folder (corpus.json, corpus.safetensors, wav/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of utterances (one sentence each, all different).
+    #[arg(long, default_value_t = 2000)]
+    pub utterances: usize,
+    /// Number of voices (espeak-ng's English male and female variants), used in turn.
+    #[arg(long, default_value_t = 12)]
+    pub speakers: usize,
+    /// Every N-th sentence goes to the test split.
+    #[arg(long, default_value_t = 10)]
+    pub test_every: usize,
+    /// Also write the first N utterances as WAV files.
+    #[arg(long, default_value_t = 8)]
+    pub wavs: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@
 mod ablation_out;
 mod cli;
 mod cmd;
+mod espeak;
 #[cfg(test)]
 mod fuzz;
 mod images;
@@ -89,6 +90,7 @@ fn main() {
         cli::Command::Eval(a) => cmd::eval::run(a),
         cli::Command::Reflow(a) => cmd::reflow::run(a),
         cli::Command::Couplings(a) => cmd::couplings::run(a),
+        cli::Command::SpeechCorpus(a) => cmd::speech_corpus::run(a),
     };
     if let Err(e) = result {
         if e.downcast_ref::<training::Interrupted>().is_some() {

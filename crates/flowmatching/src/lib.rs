@@ -27,6 +27,7 @@
 //! - [`train`]: the CFM training step and its configuration; [`checkpoint`]: atomic, checksummed
 //!   checkpoints with exact resume;
 //! - [`audio`]: the STFT, log-mel spectrograms, Griffin-Lim phase reconstruction and WAV files;
+//! - [`speech`]: the speech corpus made on the machine (sentences, frame phones, corpus files);
 //! - [`sample`]: drawing samples from a trained model (batched, guided, from noise or a source);
 //! - [`reflow`]: one round of rectified flow (pairs from a trained model, the next run's config);
 //! - [`eval`]: sample-quality metrics, the image classifier, the Frechet distance, straightness and the
@@ -95,6 +96,7 @@ pub mod checkpoint;
 pub mod train;
 
 pub mod audio;
+pub mod speech;
 
 pub mod reflow;
 pub mod sample;

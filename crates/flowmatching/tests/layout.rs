@@ -30,6 +30,7 @@ const LAYERS: &[&str] = &[
     "train",
     "checkpoint",
     "audio",
+    "speech",
     "sample",
     "reflow",
     "eval",

@@ -10,4 +10,5 @@ pub mod likelihood;
 pub mod reflow;
 pub mod sample;
 pub mod solvers;
+pub mod speech_corpus;
 pub mod train;

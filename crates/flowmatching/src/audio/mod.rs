@@ -15,4 +15,4 @@ mod wav;
 pub use griffin_lim::{griffin_lim, GriffinLimConfig};
 pub use mel::{hz_to_mel, mel_filters, mel_to_hz, LogMel, MelConfig, MelSpectrogram, LOG_FLOOR};
 pub use stft::{Complex32, Stft};
-pub use wav::{read_wav, write_wav, Wave};
+pub use wav::{read_wav, wav_bytes, write_wav, Wave};

@@ -16,8 +16,16 @@ pub struct Wave {
     pub samples: Vec<f32>,
 }
 
-/// Writes `samples` as mono 16-bit PCM (v = round(32768 x), clipped to the 16-bit range); the file appears whole or not at all.
+/// Writes `samples` as mono 16-bit PCM ([`wav_bytes`]); the file appears whole or not at all.
 pub fn write_wav(path: &Path, samples: &[f32], sample_rate: u32) -> Result<()> {
+    let bytes = wav_bytes(samples, sample_rate)
+        .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// The bytes of a mono 16-bit PCM WAV file of `samples` (v = round(32768 x), clipped to the 16-bit
+/// range).
+pub fn wav_bytes(samples: &[f32], sample_rate: u32) -> Result<Vec<u8>> {
     if sample_rate == 0 {
         return Err(Error::Config(
             "a WAV file needs a sample rate above 0".into(),
@@ -42,9 +50,8 @@ pub fn write_wav(path: &Path, samples: &[f32], sample_rate: u32) -> Result<()> {
         pcm.flush()?;
         writer.finalize()
     };
-    encode(&mut bytes)
-        .map_err(|e| Error::Data(format!("{}: cannot encode WAV: {e}", path.display())))?;
-    write_atomic(path, &bytes.into_inner())
+    encode(&mut bytes).map_err(|e| Error::Data(format!("cannot encode WAV: {e}")))?;
+    Ok(bytes.into_inner())
 }
 
 /// Reads a WAV file as mono (channels averaged) f32 samples in [-1, 1].

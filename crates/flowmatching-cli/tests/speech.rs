@@ -1,0 +1,94 @@
+//! `speech-corpus` end to end: espeak-ng synthesis, frame phones, the corpus files and their checks.
+
+mod common;
+
+use common::{assert_clean_failure, run, tmpdir};
+use flowmatching::audio::{read_wav, MelSpectrogram};
+use flowmatching::speech::{Corpus, Split};
+
+#[test]
+fn a_small_corpus_is_synthesised_aligned_and_split() {
+    let dir = tmpdir("speech-corpus");
+    let out = dir.join("corpus");
+    let o = run(&[
+        "speech-corpus",
+        "--out",
+        out.to_str().unwrap(),
+        "--utterances",
+        "30",
+        "--speakers",
+        "4",
+        "--wavs",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let c = Corpus::load(&out).unwrap();
+    assert_eq!(c.utterances().len(), 30);
+    assert_eq!(c.meta.speakers.len(), 4);
+    assert_eq!(c.of_split(Split::Test).count(), 3);
+    assert!(c.meta.phones.len() > 20, "{:?}", c.meta.phones.names());
+    let texts: std::collections::HashSet<&str> = c
+        .utterances()
+        .iter()
+        .map(|u| u.info.text.as_str())
+        .collect();
+    assert_eq!(texts.len(), 30);
+
+    // The stored log-mel is the one of the audio written beside it (16-bit rounding aside).
+    let wave = read_wav(&out.join("wav").join("00001.wav")).unwrap();
+    assert_eq!(wave.sample_rate, 22_050);
+    let mel = MelSpectrogram::new(c.meta.mel.clone()).unwrap();
+    let again = mel.log_mel(&wave.samples).unwrap();
+    let u = &c.utterances()[1];
+    assert_eq!(again.frames, u.info.frames);
+    let diff: f32 = again
+        .values
+        .iter()
+        .zip(&u.log_mel)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / u.log_mel.len() as f32;
+    assert!(diff < 0.05, "mean |log-mel difference| {diff}");
+
+    // Alignment: frames labelled silence are much quieter than frames labelled as phones.
+    let (mut quiet, mut loud) = ((0f64, 0usize), (0f64, 0usize));
+    let bands = c.meta.mel.n_mels;
+    for u in c.utterances() {
+        for (j, &p) in u.phones.iter().enumerate() {
+            let e = u.log_mel[j * bands..(j + 1) * bands]
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>()
+                / bands as f64;
+            let acc = if p == 0 { &mut quiet } else { &mut loud };
+            acc.0 += e;
+            acc.1 += 1;
+        }
+    }
+    let (quiet, loud) = (quiet.0 / quiet.1 as f64, loud.0 / loud.1 as f64);
+    assert!(loud > quiet + 2.0, "silence {quiet} vs phones {loud}");
+
+    let train = c.dataset(Split::Train).unwrap();
+    assert_eq!(train.len(), 27);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_corpus_arguments_fail_cleanly_and_write_nothing() {
+    let dir = tmpdir("speech-bad");
+    let out = dir.join("corpus");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--utterances", "0"], "--utterances"),
+        (vec!["--utterances", "999999999"], "--utterances"),
+        (vec!["--speakers", "99"], "--speakers"),
+        (vec!["--utterances", "40", "--wavs", "90"], "--wavs"),
+        (vec!["--test-every", "1"], "--test-every"),
+    ] {
+        let mut a = vec!["speech-corpus", "--out", o];
+        a.extend(args);
+        assert_clean_failure(&run(&a), needle);
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
