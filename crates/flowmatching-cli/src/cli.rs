@@ -325,7 +325,8 @@ pub enum ActivationArg {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training data: a built-in set (checkerboard, 8gaussians, moons, circles, 2spirals, pinwheel,
-    /// swissroll) or a file: .npy (N x D, float32 or float64) or .csv (one point per line).
+    /// swissroll), a file: .npy (N x D, float32 or float64) or .csv (one point per line), images, or
+    /// speech:DIR (a corpus from `speech-corpus`, trained by masked CFM with the transformer).
     #[arg(long)]
     pub data: String,
     /// Output folder for the checkpoint (checkpoint.json + weights-*.safetensors).
@@ -357,12 +358,18 @@ pub struct TrainArgs {
     /// Decay of the exponential moving average of the weights used for sampling.
     #[arg(value_parser = finite, long, default_value_t = 0.999)]
     pub ema_decay: f64,
-    /// Width of the MLP's hidden layers.
+    /// Width of the MLP's hidden layers (the transformer's width).
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
-    /// Number of hidden layers.
+    /// Number of hidden layers (the transformer's blocks).
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
+    /// The transformer's attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// The transformer's longest training crop, in frames (longer utterances are cropped at random).
+    #[arg(long, default_value_t = 256)]
+    pub max_frames: usize,
     #[arg(long, value_enum, default_value = "input")]
     pub time_embedding: TimeArg,
     #[arg(long, value_enum, default_value = "silu")]
@@ -581,6 +588,8 @@ pub enum ModelArg {
     Auto,
     Mlp,
     Unet,
+    /// The sequence transformer (speech data).
+    Transformer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -80,7 +80,10 @@ fn main() {
     }
     let result = match &args.command {
         cli::Command::Demo(a) => cmd::demo::run(a),
-        cli::Command::Train(a) => cmd::train::run(a),
+        cli::Command::Train(a) => match cmd::train_speech::corpus_dir(&a.data) {
+            Some(dir) => cmd::train_speech::run(a, &dir),
+            None => cmd::train::run(a),
+        },
         cli::Command::Sample(a) => cmd::sample::run(a),
         cli::Command::Likelihood(a) => cmd::likelihood::run(a),
         cli::Command::Solvers(a) => cmd::solvers::run(a),

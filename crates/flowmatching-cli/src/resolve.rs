@@ -1,4 +1,4 @@
-//! Arguments into library configurations, in one place: solver and step control, the evaluation
+//! Arguments into library configurations, in one place: training settings, solver and step control, the evaluation
 //! classifier, the start points of a run with a source distribution, and output names.
 
 use std::path::{Path, PathBuf};
@@ -6,11 +6,43 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use candle_core::Device;
 use flowmatching::eval::classifier::Classifier;
+use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::solver::{Adaptive, ErrorNorm, SolverKind, StepControl};
-use flowmatching::train::RunConfig;
+use flowmatching::train::{RunConfig, TrainConfig};
 
-use crate::cli::{SolverArg, ToleranceArgs};
+use crate::cli::{LrDecayArg, SolverArg, ToleranceArgs, TrainArgs};
 use crate::io;
+
+/// `train`'s optimisation settings (every data kind).
+pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    if a.grad_clip < 0.0 || !a.grad_clip.is_finite() {
+        bail!(
+            "--grad-clip must be 0 (off) or positive, got {}",
+            a.grad_clip
+        );
+    }
+    Ok(TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        optimizer: AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        warmup_steps: a.warmup,
+        lr_decay: match a.lr_decay {
+            LrDecayArg::Constant => LrDecay::Constant,
+            LrDecayArg::Cosine => LrDecay::Cosine,
+        },
+        grad_clip: (a.grad_clip > 0.0).then_some(a.grad_clip),
+        ema_decay: a.ema_decay,
+        seed: a.seed,
+        label_dropout: a.label_dropout,
+        coupling: a.coupling.coupling(a.sinkhorn_reg),
+        time_sampling: a.time_sampling,
+        masking: Default::default(),
+    })
+}
 
 pub fn solver_kind(s: SolverArg) -> SolverKind {
     match s {

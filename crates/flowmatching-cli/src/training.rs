@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use flowmatching::checkpoint;
-use flowmatching::data::DataSource;
 use flowmatching::train::Trainer;
 
 use crate::progress;
@@ -77,13 +76,12 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// Runs the trainer to its configured total, with a progress bar and periodic checkpoints in `out`.
+/// Runs the trainer to its configured total (`step_once` takes one optimizer step), with a progress bar and periodic checkpoints in `out`.
 /// At the time limit it saves a checkpoint and returns with `interrupted` set; on Ctrl-C it saves a
 /// checkpoint and returns [`Interrupted`].
 pub fn run_loop(
     trainer: &mut Trainer,
-    data: &dyn DataSource,
-    source: Option<&dyn DataSource>,
+    step_once: &mut dyn FnMut(&mut Trainer) -> flowmatching::Result<f64>,
     out: &Path,
     every: u64,
     max_minutes: Option<f64>,
@@ -95,7 +93,7 @@ pub fn run_loop(
     let mut loss = f64::NAN;
     let mut smoothed = None::<f64>;
     while trainer.step_count() < total {
-        loss = match trainer.step_from(data, source) {
+        loss = match step_once(trainer) {
             Ok(l) => l,
             Err(e) => {
                 bar.abandon();

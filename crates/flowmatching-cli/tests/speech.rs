@@ -70,6 +70,67 @@ fn a_small_corpus_is_synthesised_aligned_and_split() {
 
     let train = c.dataset(Split::Train).unwrap();
     assert_eq!(train.len(), 27);
+
+    // The transformer trains on it by masked CFM, checkpoints, and resumes.
+    let data = format!("speech:{}", out.display());
+    let run_dir = dir.join("run");
+    let model = run_dir.to_str().unwrap();
+    let small = [
+        "--batch-size",
+        "4",
+        "--hidden",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--max-frames",
+        "64",
+    ];
+    let train = |steps: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--data", &data, "--out", model, "--steps", steps];
+        args.extend(small);
+        args.extend(extra);
+        run(&args)
+    };
+    let o = train("6", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("done: 6 steps"));
+    let meta = std::fs::read_to_string(run_dir.join("checkpoint.json")).unwrap();
+    assert!(meta.contains("\"transformer\""), "{meta}");
+    let o = train("8", &["--resume"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("resuming from step 6 of 8"));
+    let other = dir.join("other");
+    let o = run(&[
+        "train",
+        "--data",
+        &data,
+        "--out",
+        other.to_str().unwrap(),
+        "--coupling",
+        "ot",
+    ]);
+    assert_clean_failure(&o, "--coupling does not apply to speech data");
+    let o = run(&[
+        "train",
+        "--data",
+        &data,
+        "--out",
+        other.to_str().unwrap(),
+        "--model",
+        "unet",
+    ]);
+    assert_clean_failure(&o, "transformer");
+    let o = run(&[
+        "train",
+        "--data",
+        "speech:/nonexistent",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "corpus");
+    assert!(!other.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -82,7 +82,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "demo: training a flow-matching MLP on checkerboard for {} steps",
         a.steps
     );
-    let outcome = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
+    let outcome = run_loop(&mut trainer, &mut |t| t.step(&data), &a.out, 0, None)?;
     let model = trainer.ema_model()?;
     let start = Instant::now();
     let opts = SolveOptions::constant(SOLVER_STEPS);

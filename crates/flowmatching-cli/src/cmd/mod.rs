@@ -12,3 +12,4 @@ pub mod sample;
 pub mod solvers;
 pub mod speech_corpus;
 pub mod train;
+pub mod train_speech;

@@ -61,7 +61,7 @@ pub fn run(a: &ReflowArgs) -> Result<()> {
     io::ensure_dir(&a.out)?;
     let _lock = lock_folder(&a.out)?;
     let mut trainer = Trainer::new(config, &Device::Cpu)?;
-    let o = run_loop(&mut trainer, &data, None, &a.out, 0, None)?;
+    let o = run_loop(&mut trainer, &mut |t| t.step(&data), &a.out, 0, None)?;
     report_done(&trainer, &o, &a.out);
     Ok(())
 }

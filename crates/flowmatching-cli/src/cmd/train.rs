@@ -5,11 +5,10 @@ use flowmatching::checkpoint::{self, Checkpoint};
 use flowmatching::data::DataSource;
 use flowmatching::nn::{Activation, MlpConfig, ModelConfig, TimeEmbedding, UNetConfig};
 use flowmatching::objective::Weighting;
-use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
-use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+use flowmatching::train::{RunConfig, Trainer, FORMAT_VERSION};
 
-use crate::cli::{ActivationArg, LrDecayArg, ModelArg, TimeArg, TrainArgs, UNetPreset};
+use crate::cli::{ActivationArg, ModelArg, TimeArg, TrainArgs, UNetPreset};
 use crate::training::{lock_folder, report_done, run_loop};
 use crate::{io, memory};
 
@@ -23,6 +22,10 @@ fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> 
             data.describe()
         ),
         (ModelArg::Unet, Some(_)) | (ModelArg::Auto, Some(_)) => true,
+        (ModelArg::Transformer, _) => bail!(
+            "--model transformer trains on speech:DIR data; {} is not a speech corpus",
+            data.describe()
+        ),
     };
     if !unet {
         let time_embedding = match a.time_embedding {
@@ -61,39 +64,13 @@ fn model_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<ModelConfig> 
 /// The run configuration described by the command line.
 pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfig> {
     let path = a.path.scheduler(a.sigma_min);
-    if a.grad_clip < 0.0 || !a.grad_clip.is_finite() {
-        bail!(
-            "--grad-clip must be 0 (off) or positive, got {}",
-            a.grad_clip
-        );
-    }
     Ok(RunConfig {
         format_version: FORMAT_VERSION,
         model: model_from_args(a, data)?,
         path,
         prediction: Prediction::Velocity,
         weighting: Weighting::Uniform,
-        train: TrainConfig {
-            steps: a.steps,
-            batch_size: a.batch_size,
-            optimizer: AdamWConfig {
-                lr: a.lr,
-                weight_decay: a.weight_decay,
-                ..Default::default()
-            },
-            warmup_steps: a.warmup,
-            lr_decay: match a.lr_decay {
-                LrDecayArg::Constant => LrDecay::Constant,
-                LrDecayArg::Cosine => LrDecay::Cosine,
-            },
-            grad_clip: (a.grad_clip > 0.0).then_some(a.grad_clip),
-            ema_decay: a.ema_decay,
-            seed: a.seed,
-            label_dropout: a.label_dropout,
-            coupling: a.coupling.coupling(a.sinkhorn_reg),
-            time_sampling: a.time_sampling,
-            masking: Default::default(),
-        },
+        train: crate::resolve::train_config(a)?,
         data: a.data.clone(),
         source: a.source.clone(),
     })
@@ -272,8 +249,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         eprintln!("training on {} for {} steps", data.describe(), a.steps);
         let o = run_loop(
             &mut trainer,
-            data.as_ref(),
-            source.as_deref(),
+            &mut |t| t.step_from(data.as_ref(), source.as_deref()),
             &a.out,
             a.checkpoint_every,
             a.max_minutes,

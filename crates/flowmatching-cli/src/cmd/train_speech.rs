@@ -1,0 +1,142 @@
+//! `flowmatching train --data speech:DIR`: the sequence transformer trained by masked CFM on a corpus
+//! from `speech-corpus` (Voicebox's training, see the library's `infill` module).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use flowmatching::checkpoint::{self, Checkpoint};
+use flowmatching::nn::{ModelConfig, TransformerConfig};
+use flowmatching::objective::Weighting;
+use flowmatching::path::Prediction;
+use flowmatching::speech::{Corpus, Split};
+use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
+
+use crate::cli::{ModelArg, TrainArgs};
+use crate::training::{lock_folder, report_done, run_loop};
+use crate::{io, memory};
+
+/// The corpus folder of a `speech:DIR` data name, if it is one.
+pub fn corpus_dir(data: &str) -> Option<PathBuf> {
+    data.strip_prefix("speech:").map(PathBuf::from)
+}
+
+/// Flags that only apply to points or images.
+fn refuse_other_flags(a: &TrainArgs) -> Result<()> {
+    let not_here = [
+        "source",
+        "coupling",
+        "sinkhorn_reg",
+        "unet",
+        "base_channels",
+        "unconditional",
+        "label_dropout",
+        "time_embedding",
+        "activation",
+    ];
+    if let Some(f) = a.given.iter().find(|g| not_here.contains(&g.as_str())) {
+        bail!(
+            "--{} does not apply to speech data (masked CFM with the transformer)",
+            f.replace('_', "-")
+        );
+    }
+    if !matches!(a.model, ModelArg::Auto | ModelArg::Transformer) {
+        bail!("speech data train the transformer: drop --model or pass --model transformer");
+    }
+    Ok(())
+}
+
+fn config(a: &TrainArgs, corpus: &Corpus) -> Result<RunConfig> {
+    let bands = corpus.meta.mel.n_mels;
+    let model = TransformerConfig {
+        frame_dim: bands,
+        context_dim: bands,
+        max_frames: a.max_frames,
+        ..TransformerConfig::speech(corpus.meta.phones.len(), a.hidden, a.depth, a.heads)
+    };
+    model.validate()?;
+    Ok(RunConfig {
+        format_version: FORMAT_VERSION,
+        model: ModelConfig::Transformer(model),
+        path: a.path.scheduler(a.sigma_min),
+        prediction: Prediction::Velocity,
+        weighting: Weighting::Uniform,
+        train: TrainConfig {
+            label_dropout: 0.0,
+            ..crate::resolve::train_config(a)?
+        },
+        data: a.data.clone(),
+        source: None,
+    })
+}
+
+fn resume(a: &TrainArgs, device: &candle_core::Device) -> Result<Trainer> {
+    let ckpt = Checkpoint::load(&a.out, device)
+        .with_context(|| format!("--resume: no usable checkpoint in {}", a.out.display()))?;
+    if ckpt.meta.config.data != a.data {
+        bail!(
+            "--resume: --data gives \"{}\" where the checkpoint has \"{}\"",
+            a.data,
+            ckpt.meta.config.data
+        );
+    }
+    ckpt.check_architecture(device)?;
+    let mut t = ckpt.into_trainer(device)?;
+    if a.steps <= t.step_count() {
+        bail!(
+            "--resume: the checkpoint is already at step {}; pass a larger --steps",
+            t.step_count()
+        );
+    }
+    t.set_total_steps(a.steps);
+    eprintln!("resuming from step {} of {}", t.step_count(), a.steps);
+    Ok(t)
+}
+
+pub fn run(a: &TrainArgs, dir: &Path) -> Result<()> {
+    refuse_other_flags(a)?;
+    let corpus = Corpus::load(dir)?;
+    let data = corpus.dataset(Split::Train)?;
+    let device = a.device.device()?;
+    let mut trainer = if a.resume {
+        resume(a, &device)?
+    } else {
+        if a.out.join(checkpoint::META_FILE).exists() {
+            bail!(
+                "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
+                a.out.display()
+            );
+        }
+        let config = config(a, &corpus)?;
+        config.validate()?;
+        memory::check(
+            memory::training_bytes(&config, device.is_cpu()),
+            "training (weights, optimizer state and one batch's activations)",
+            "lower --batch-size, --max-frames or the model's size (--hidden, --depth)",
+        )?;
+        Trainer::new(config, &device)?
+    };
+    if let Some(m) = a.max_minutes.filter(|m| *m <= 0.0) {
+        bail!("--max-minutes must be positive, got {m}");
+    }
+    let created = io::missing_folders(&a.out);
+    io::ensure_dir(&a.out)?;
+    let result = (|| {
+        let _lock = lock_folder(&a.out)?;
+        eprintln!("training on {} for {} steps", data.describe(), a.steps);
+        let o = run_loop(
+            &mut trainer,
+            &mut |t| t.step_sequences(&data),
+            &a.out,
+            a.checkpoint_every,
+            a.max_minutes,
+        )?;
+        report_done(&trainer, &o, &a.out);
+        Ok(())
+    })();
+    if result.is_err() {
+        for d in created {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result
+}
