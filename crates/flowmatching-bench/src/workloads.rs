@@ -69,6 +69,7 @@ pub fn train_config(
             coupling: Default::default(),
             time_sampling: Default::default(),
             masking: Default::default(),
+            crop_frames: None,
         },
         data: "checkerboard".into(),
         source: None,

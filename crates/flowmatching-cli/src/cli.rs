@@ -44,6 +44,39 @@ pub enum Command {
     /// Synthesise a speech corpus with espeak-ng: log-mel frames, the phone of every frame, speakers,
     /// a train/test split by sentence, and a few WAV files to listen to.
     SpeechCorpus(SpeechCorpusArgs),
+    /// Regenerate a span of a corpus utterance with a speech checkpoint: WAVs, a spectrogram PNG, JSON.
+    Infill(InfillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InfillArgs {
+    /// A checkpoint of `train --data speech:DIR`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The corpus (default: the one the checkpoint was trained on).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// The utterance, by its index in the corpus (corpus.json's order).
+    #[arg(long)]
+    pub utterance: usize,
+    /// Frames to regenerate, START-END (END excluded); default the middle 40%.
+    #[arg(long)]
+    pub span: Option<String>,
+    /// Fixed-step solver and its number of steps (midpoint: 2 NFE a step, twice that when guided).
+    #[arg(long, value_enum, default_value = "midpoint")]
+    pub solver: SolverArg,
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Guidance weight w (1: the conditional field; Voicebox's alpha = 0.7 is w = 1.7).
+    #[arg(value_parser = finite, long, default_value_t = 1.7)]
+    pub guidance: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder: infilled.wav, original.wav (both through Griffin-Lim), infill.png, infill.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Args)]

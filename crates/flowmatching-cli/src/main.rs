@@ -94,6 +94,7 @@ fn main() {
         cli::Command::Reflow(a) => cmd::reflow::run(a),
         cli::Command::Couplings(a) => cmd::couplings::run(a),
         cli::Command::SpeechCorpus(a) => cmd::speech_corpus::run(a),
+        cli::Command::Infill(a) => cmd::infill::run(a),
     };
     if let Err(e) = result {
         if e.downcast_ref::<training::Interrupted>().is_some() {

@@ -46,7 +46,17 @@ pub fn check(need: u128, what: &str, advice: &str) -> Result<()> {
 /// Training `config`: weights, gradients, EMA and the two AdamW moments; a batch's activations (on the
 /// host only when the model runs on the CPU); the cost matrix of an OT or Sinkhorn coupling.
 pub fn training_bytes(config: &RunConfig, on_cpu: bool) -> u128 {
-    let m = &config.model;
+    // A sequence model trains on crops: its activations are those of the crop length.
+    let cropped;
+    let m = match (&config.model, config.train.crop_frames) {
+        (flowmatching::nn::ModelConfig::Transformer(c), Some(f)) => {
+            let mut c = *c;
+            c.max_frames = c.max_frames.min(f);
+            cropped = flowmatching::nn::ModelConfig::Transformer(c);
+            &cropped
+        }
+        (m, _) => m,
+    };
     let batch = config.train.batch_size as u128;
     let params = (6 * F32).saturating_mul(m.approx_params());
     let data = (8 * F32 * m.dim() as u128).saturating_mul(batch);

@@ -1,4 +1,4 @@
-//! PNG pictures: 2-D histograms of point sets, side by side.
+//! PNG pictures: 2-D histograms of point sets, side by side; line plots; spectrograms.
 
 use anyhow::Result;
 
@@ -249,6 +249,51 @@ pub fn line_plot(
         draw().map_err(|e| anyhow::anyhow!("drawing '{title}': {e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).expect("buffer of the right size");
+    png(&img)
+}
+
+/// Log-mel spectrograms (`frames x bands`, frame-major) stacked top to bottom on one colour scale
+/// (the 1st to 99th percentile of all values), low bands at the bottom, 3 pixels a band and 2 a frame;
+/// white lines mark frames `span.0` and `span.1`.
+pub fn spectrograms(
+    panels: &[&[f32]],
+    bands: usize,
+    span: Option<(usize, usize)>,
+) -> Result<Vec<u8>> {
+    let frames = panels.first().map_or(0, |p| p.len() / bands.max(1));
+    if frames == 0 || panels.iter().any(|p| p.len() != frames * bands) {
+        anyhow::bail!("spectrogram panels must be non-empty and of one size");
+    }
+    let mut all: Vec<f32> = panels.iter().flat_map(|p| p.iter().copied()).collect();
+    all.sort_by(f32::total_cmp);
+    let (lo, hi) = (all[all.len() / 100], all[all.len() - 1 - all.len() / 100]);
+    let (fx, by, gap) = (2u32, 3u32, 6u32);
+    let (w, ph) = (frames as u32 * fx, bands as u32 * by);
+    let h = panels.len() as u32 * ph + (panels.len() as u32 - 1) * gap;
+    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (k, p) in panels.iter().enumerate() {
+        let top = k as u32 * (ph + gap);
+        for f in 0..frames {
+            for b in 0..bands {
+                let v = (p[f * bands + b] - lo) / (hi - lo).max(1e-6);
+                let c = image::Rgb(colour(v));
+                for dx in 0..fx {
+                    for dy in 0..by {
+                        let y = top + ph - 1 - (b as u32 * by + dy);
+                        img.put_pixel(f as u32 * fx + dx, y, c);
+                    }
+                }
+            }
+        }
+        if let Some((a, b)) = span {
+            for f in [a, b] {
+                let x = (f as u32 * fx).min(w - 1);
+                for y in top..top + ph {
+                    img.put_pixel(x, y, image::Rgb([255, 255, 255]));
+                }
+            }
+        }
+    }
     png(&img)
 }
 

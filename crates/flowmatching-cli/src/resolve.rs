@@ -41,6 +41,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         coupling: a.coupling.coupling(a.sinkhorn_reg),
         time_sampling: a.time_sampling,
         masking: Default::default(),
+        crop_frames: None,
     })
 }
 

@@ -101,6 +101,71 @@ fn a_small_corpus_is_synthesised_aligned_and_split() {
     let o = train("8", &["--resume"]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(common::stderr(&o).contains("resuming from step 6 of 8"));
+
+    // A span of a test utterance regenerated: WAVs of the right length, a spectrogram PNG, a record.
+    let inf = dir.join("infill");
+    let o = run(&[
+        "infill",
+        "--checkpoint",
+        model,
+        "--utterance",
+        "0",
+        "--span",
+        "10-30",
+        "--steps",
+        "2",
+        "--out",
+        inf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(inf.join("infill.json")).unwrap()).unwrap();
+    assert_eq!(rec["span"], serde_json::json!([10, 30]));
+    assert_eq!(rec["nfe"], 8, "midpoint, 2 steps, guided: 2 x 2 x 2");
+    assert!(rec["mel_l1"].as_f64().unwrap() > 0.0);
+    let frames = c.utterances()[0].info.frames;
+    for f in ["infilled.wav", "original.wav"] {
+        let w = read_wav(&inf.join(f)).unwrap();
+        assert_eq!(w.samples.len(), (frames - 1) * 256);
+    }
+    let png = image::open(inf.join("infill.png")).unwrap();
+    assert_eq!(png.width() as usize, 2 * frames);
+    let bad_out = dir.join("bad-infill");
+    let b = bad_out.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--utterance", "30"], "utterance 30 does not exist"),
+        (vec!["--utterance", "0", "--span", "5-100000"], "not inside"),
+        (vec!["--utterance", "0", "--span", "9"], "START-END"),
+        (
+            vec!["--utterance", "0", "--solver", "dopri5"],
+            "fixed number of steps",
+        ),
+    ] {
+        let mut a = vec!["infill", "--checkpoint", model, "--out", b];
+        a.extend(args);
+        assert_clean_failure(&run(&a), needle);
+    }
+    let points = dir.join("points");
+    let p = points.to_str().unwrap();
+    assert!(run(&[
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        p,
+        "--steps",
+        "3",
+        "--batch-size",
+        "16"
+    ])
+    .status
+    .success());
+    assert_clean_failure(
+        &run(&["infill", "--checkpoint", p, "--utterance", "0", "--out", b]),
+        "not on speech",
+    );
+    assert!(!bad_out.exists());
+
     let other = dir.join("other");
     let o = run(&[
         "train",

@@ -6,6 +6,7 @@ pub mod couplings;
 pub mod demo;
 pub mod eval;
 pub mod image_eval;
+pub mod infill;
 pub mod likelihood;
 pub mod reflow;
 pub mod sample;

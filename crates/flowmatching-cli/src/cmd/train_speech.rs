@@ -50,9 +50,15 @@ fn config(a: &TrainArgs, corpus: &Corpus) -> Result<RunConfig> {
     let model = TransformerConfig {
         frame_dim: bands,
         context_dim: bands,
-        max_frames: a.max_frames,
         ..TransformerConfig::speech(corpus.meta.phones.len(), a.hidden, a.depth, a.heads)
     };
+    if a.max_frames == 0 || a.max_frames > model.max_frames {
+        bail!(
+            "--max-frames must be in 1..={}, got {}",
+            model.max_frames,
+            a.max_frames
+        );
+    }
     model.validate()?;
     Ok(RunConfig {
         format_version: FORMAT_VERSION,
@@ -62,6 +68,7 @@ fn config(a: &TrainArgs, corpus: &Corpus) -> Result<RunConfig> {
         weighting: Weighting::Uniform,
         train: TrainConfig {
             label_dropout: 0.0,
+            crop_frames: Some(a.max_frames),
             ..crate::resolve::train_config(a)?
         },
         data: a.data.clone(),

@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::griffin_lim::{griffin_lim, GriffinLimConfig};
 use super::stft::Stft;
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 
 /// The floor under mel magnitudes before the logarithm: log-mel values are at least ln(1e-5) = -11.51.
 pub const LOG_FLOOR: f32 = 1e-5;
@@ -195,6 +197,21 @@ impl MelSpectrogram {
             n_mels: self.config.n_mels,
             values: mel.into_iter().map(|m| m.max(LOG_FLOOR).ln()).collect(),
         })
+    }
+
+    /// A waveform for a log-mel spectrogram, to listen to: magnitudes by [`Self::magnitudes_of_log_mel`]
+    /// (100 updates), phases by fast Griffin-Lim ([`GriffinLimConfig::default`]); (frames - 1) * hop
+    /// samples.
+    pub fn waveform_of_log_mel(&self, log_mel: &LogMel, rng: &mut Rng) -> Result<Vec<f32>> {
+        let magnitudes = self.magnitudes_of_log_mel(log_mel, 100)?;
+        let length = log_mel.frames.saturating_sub(1).max(1) * self.stft.hop();
+        griffin_lim(
+            &self.stft,
+            &magnitudes,
+            length,
+            GriffinLimConfig::default(),
+            rng,
+        )
     }
 
     /// Magnitude spectra (`frames x bins`) whose mel bands best match `log_mel`: the non-negative

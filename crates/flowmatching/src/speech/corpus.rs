@@ -271,12 +271,17 @@ impl Corpus {
             .filter(move |u| u.info.split == split)
     }
 
-    /// A split as training data: log-mels normalised to (x - mean) / std, and the frame phones.
-    pub fn dataset(&self, split: Split) -> Result<SequenceDataset> {
+    /// An utterance's log-mel normalised to (x - mean) / std, as models see it.
+    pub fn normalised(&self, u: &Utterance) -> Vec<f32> {
         let (m, s) = (self.meta.mean as f32, self.meta.std as f32);
+        u.log_mel.iter().map(|v| (v - m) / s).collect()
+    }
+
+    /// A split as training data: normalised log-mels ([`Corpus::normalised`]) and the frame phones.
+    pub fn dataset(&self, split: Split) -> Result<SequenceDataset> {
         let (mut frames, mut phones) = (vec![], vec![]);
         for u in self.of_split(split) {
-            frames.push(u.log_mel.iter().map(|v| (v - m) / s).collect());
+            frames.push(self.normalised(u));
             phones.push(u.phones.clone());
         }
         if frames.is_empty() {

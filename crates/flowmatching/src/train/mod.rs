@@ -69,6 +69,10 @@ pub struct TrainConfig {
     /// Sequence models: how the spans to fill in are drawn (masked CFM, see [`crate::infill`]).
     #[serde(default, skip_serializing_if = "is_default_masking")]
     pub masking: SpanMasking,
+    /// Sequence models: longer sequences are cropped at random to this many frames (None: the model's
+    /// longest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_frames: Option<usize>,
 }
 
 fn is_uniform(t: &TimeSampling) -> bool {
@@ -100,6 +104,7 @@ impl TrainConfig {
             coupling: crate::coupling::Coupling::Independent,
             time_sampling: TimeSampling::Uniform,
             masking: SpanMasking::default(),
+            crop_frames: None,
         }
     }
 }
@@ -119,6 +124,7 @@ impl Default for TrainConfig {
             coupling: crate::coupling::Coupling::Independent,
             time_sampling: TimeSampling::Uniform,
             masking: SpanMasking::default(),
+            crop_frames: None,
         }
     }
 }

@@ -76,10 +76,16 @@ impl Trainer {
         let c = self.config.train;
         c.masking.validate()?;
         let b = c.batch_size;
+        let crop = c.crop_frames.unwrap_or(cfg.max_frames).min(cfg.max_frames);
+        if crop == 0 {
+            return Err(Error::Config(
+                "the crop length must be at least 1 frame".into(),
+            ));
+        }
         let batch = draw_infill_batch(
             data,
             b,
-            cfg.max_frames,
+            crop,
             &c.masking,
             &mut self.rng_data,
             &mut self.rng_noise,
