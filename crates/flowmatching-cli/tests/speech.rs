@@ -34,6 +34,38 @@ fn a_small_corpus_is_synthesised_aligned_and_split() {
         .collect();
     assert_eq!(texts.len(), 30);
 
+    // The frame phones are espeak-ng's own phoneme list for the text (`espeak-ng -q -x`), in order:
+    // collapsed, silence dropped, they spell a subsequence covering most of it (a phone shorter than a
+    // hop can fall between two frame centres).
+    for u in &c.utterances()[..5] {
+        let voice = &c.meta.speakers[u.info.speaker as usize];
+        let out = std::process::Command::new("espeak-ng")
+            .args(["-q", "-x", "-v", voice, &u.info.text])
+            .output()
+            .expect("espeak-ng is installed");
+        let listed: String = String::from_utf8_lossy(&out.stdout)
+            .chars()
+            .filter(|ch| !matches!(ch, '\'' | ',' | ' ' | '\n' | '_'))
+            .collect();
+        let mut ours = String::new();
+        let mut last = None;
+        for &p in &u.phones {
+            if Some(p) != last && p != 0 {
+                ours.push_str(&c.meta.phones.names()[p as usize]);
+            }
+            last = Some(p);
+        }
+        let mut rest = listed.chars();
+        assert!(
+            ours.chars().all(|ch| rest.any(|l| l == ch)),
+            "{ours} is not a subsequence of {listed}"
+        );
+        assert!(
+            ours.len() as f64 > 0.8 * listed.len() as f64,
+            "{ours} vs {listed}"
+        );
+    }
+
     // The stored log-mel is the one of the audio written beside it (16-bit rounding aside).
     let wave = read_wav(&out.join("wav").join("00001.wav")).unwrap();
     assert_eq!(wave.sample_rate, 22_050);
