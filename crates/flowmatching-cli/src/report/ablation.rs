@@ -397,7 +397,8 @@ fn orderings(r: &[ObjectiveResult], metric: &str) -> String {
         names(&sm)
     );
     // 4. DDPM and FM-diffusion good, the score objectives worse (the paper's 7.48 and 8.06 FID against
-    //    19.94 and 20.78): reproduced when both score objectives are worse than both of the others.
+    //    19.94 and 20.78, a ratio of 0.4): reproduced when the worse of DDPM and FM-diffusion is under
+    //    3/4 of the better score objective, so that an ordering within noise does not count.
     let of = |objs: [Objective; 2]| -> Option<Vec<(String, f64)>> {
         objs.iter()
             .map(|&o| get(o).and_then(|x| quality(x).map(|q| (x.name.clone(), q))))
@@ -417,8 +418,9 @@ fn orderings(r: &[ObjectiveResult], metric: &str) -> String {
         };
         out += &format!(
             "- {} that DDPM and FM on the diffusion path train well while the score objectives degrade: \
-             {metric} ({basis}) {} against {}.\n",
-            if worst_stable < best_score { "**Reproduced**:" } else { "**Not reproduced**: the claim" },
+             {metric} ({basis}) {} against {} (reproduced only if the worse of the first two is under 3/4 \
+             of the better of the last two).\n",
+            if worst_stable < 0.75 * best_score { "**Reproduced**:" } else { "**Not reproduced**: the claim" },
             list(&stable),
             list(&score)
         );

@@ -93,11 +93,11 @@ impl Sizes {
             // Sized for a GPU: the tiny U-Net steps in ~80 ms on an H100 at batch 128, so 5 x 600
             // steps are ~4 minutes of training.
             (true, Preset::Default) => base(32, 128, 600, 4, 1000, 100, 100, 100, 1000, 500),
-            // Sized by measurement on a 2-core AMD EPYC (AVX2): the 16-channel `tiny` layout steps in
-            // 0.33 s at batch 64 and evaluates an image in 1.4 ms. With FD on 2,000 samples one
-            // objective took 37 minutes (DDPM: 5.4 minutes of training, adaptive solves of ~350 NFE
-            // for ~16 minutes, eight fixed budgets for ~6); 1,000 samples halve the sampling, for
-            // ~25 minutes an objective.
+            // Sized by measurement on a 2-core AMD EPYC: the 16-channel `tiny` layout steps in 0.33 s
+            // at batch 64 and evaluates an image in 1.4 ms. With FD on 2,000 samples one objective took
+            // 37 minutes; at 1,000 samples the whole run took 7,303 s (2026-12-03): 4-7 minutes of
+            // training and 12-24 minutes of measurement per objective, the score objectives' adaptive
+            // solves (~500 NFE) the longest.
             (true, Preset::Cpu) => base(16, 64, 800, 4, 1000, 32, 32, 32, 500, 100),
             (false, Preset::Quick) => base(128, 512, 3000, 6, 3000, 500, 1000, 500, 0, MAX_STEPS),
             (false, Preset::Default | Preset::Cpu) => base(
