@@ -157,3 +157,37 @@ pub fn report_done(trainer: &Trainer, o: &Outcome, out: &Path) {
         );
     }
 }
+
+/// Trains into folder `out` (created if missing, and removed again if the run fails before saving):
+/// takes the folder's lock, runs [`run_loop`] and prints the closing line. `what` names the data.
+pub fn train_in_folder(
+    trainer: &mut Trainer,
+    step_once: &mut dyn FnMut(&mut Trainer) -> flowmatching::Result<f64>,
+    out: &Path,
+    what: &str,
+    every: u64,
+    max_minutes: Option<f64>,
+) -> Result<()> {
+    if let Some(m) = max_minutes.filter(|m| *m <= 0.0) {
+        bail!("--max-minutes must be positive, got {m}");
+    }
+    let created = crate::io::missing_folders(out);
+    crate::io::ensure_dir(out)?;
+    let result = (|| {
+        let _lock = lock_folder(out)?;
+        eprintln!(
+            "training on {what} for {} steps",
+            trainer.config().train.steps
+        );
+        let o = run_loop(trainer, step_once, out, every, max_minutes)?;
+        report_done(trainer, &o, out);
+        Ok(())
+    })();
+    if result.is_err() {
+        // The folders this run made, if nothing was saved into them (a saved checkpoint keeps them).
+        for d in created {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result
+}

@@ -9,7 +9,7 @@ use flowmatching::path::Prediction;
 use flowmatching::train::{RunConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ActivationArg, ModelArg, TimeArg, TrainArgs, UNetPreset};
-use crate::training::{lock_folder, report_done, run_loop};
+use crate::training::train_in_folder;
 use crate::{io, memory};
 
 /// The network the command line asks for, for data of this shape.
@@ -239,29 +239,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             );
         }
     }
-    if let Some(m) = a.max_minutes.filter(|m| *m <= 0.0) {
-        bail!("--max-minutes must be positive, got {m}");
-    }
-    let created = io::missing_folders(&a.out);
-    io::ensure_dir(&a.out)?;
-    let result = (|| {
-        let _lock = lock_folder(&a.out)?;
-        eprintln!("training on {} for {} steps", data.describe(), a.steps);
-        let o = run_loop(
-            &mut trainer,
-            &mut |t| t.step_from(data.as_ref(), source.as_deref()),
-            &a.out,
-            a.checkpoint_every,
-            a.max_minutes,
-        )?;
-        report_done(&trainer, &o, &a.out);
-        Ok(())
-    })();
-    if result.is_err() {
-        // The folders this run made, if nothing was saved into them (a saved checkpoint keeps them).
-        for d in created {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-    result
+    train_in_folder(
+        &mut trainer,
+        &mut |t| t.step_from(data.as_ref(), source.as_deref()),
+        &a.out,
+        &data.describe(),
+        a.checkpoint_every,
+        a.max_minutes,
+    )
 }

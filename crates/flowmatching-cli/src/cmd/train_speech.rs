@@ -12,8 +12,8 @@ use flowmatching::speech::{Corpus, Split};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ModelArg, TrainArgs};
-use crate::training::{lock_folder, report_done, run_loop};
-use crate::{io, memory};
+use crate::training::train_in_folder;
+use crate::memory;
 
 /// The corpus folder of a `speech:DIR` data name, if it is one.
 pub fn corpus_dir(data: &str) -> Option<PathBuf> {
@@ -122,28 +122,12 @@ pub fn run(a: &TrainArgs, dir: &Path) -> Result<()> {
         )?;
         Trainer::new(config, &device)?
     };
-    if let Some(m) = a.max_minutes.filter(|m| *m <= 0.0) {
-        bail!("--max-minutes must be positive, got {m}");
-    }
-    let created = io::missing_folders(&a.out);
-    io::ensure_dir(&a.out)?;
-    let result = (|| {
-        let _lock = lock_folder(&a.out)?;
-        eprintln!("training on {} for {} steps", data.describe(), a.steps);
-        let o = run_loop(
-            &mut trainer,
-            &mut |t| t.step_sequences(&data),
-            &a.out,
-            a.checkpoint_every,
-            a.max_minutes,
-        )?;
-        report_done(&trainer, &o, &a.out);
-        Ok(())
-    })();
-    if result.is_err() {
-        for d in created {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-    result
+    train_in_folder(
+        &mut trainer,
+        &mut |t| t.step_sequences(&data),
+        &a.out,
+        &data.describe(),
+        a.checkpoint_every,
+        a.max_minutes,
+    )
 }
