@@ -12,8 +12,8 @@ use flowmatching::speech::{Corpus, Split};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ModelArg, TrainArgs};
-use crate::training::train_in_folder;
 use crate::memory;
+use crate::training::train_in_folder;
 
 /// The corpus folder of a `speech:DIR` data name, if it is one.
 pub fn corpus_dir(data: &str) -> Option<PathBuf> {

@@ -199,7 +199,7 @@ pub enum Model {
     FastMlp(FastMlp),
     UNet(UNet),
     /// The sequence transformer; as a [`VelocityField`] it takes (N, T, F) and no conditions (see
-    /// [`crate::infill::InfillField`] for the conditional field).
+    /// the `infill` module for the conditional field).
     Transformer(Transformer),
 }
 
