@@ -191,3 +191,17 @@ pub fn train_in_folder(
     }
     result
 }
+
+/// A resumed trainer set to run to `steps` in all (`--resume` with `--steps`), which must be beyond
+/// the checkpoint's step.
+pub fn continue_to(mut trainer: Trainer, steps: u64) -> Result<Trainer> {
+    if steps <= trainer.step_count() {
+        bail!(
+            "--resume: the checkpoint is already at step {}; pass a larger --steps",
+            trainer.step_count()
+        );
+    }
+    trainer.set_total_steps(steps);
+    eprintln!("resuming from step {} of {steps}", trainer.step_count());
+    Ok(trainer)
+}

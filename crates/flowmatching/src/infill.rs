@@ -180,12 +180,7 @@ pub fn masked_cfm_loss(
 ) -> Result<Tensor> {
     let x1 = &batch.x1;
     let s = path.sample(x0, x1, t)?;
-    let target = match prediction {
-        Prediction::Velocity => s.dx_t.clone(),
-        Prediction::X1 => x1.clone(),
-        Prediction::Epsilon => x0.clone(),
-        other => path.from_velocity(other, &s.dx_t, &s.x_t, t)?,
-    };
+    let target = path.regression_target(prediction, x0, x1, &s, t)?;
     let cond = batch.condition(model)?;
     let pred = model.forward_seq(&s.x_t, &s.t, &cond)?;
     let (_, _, f) = x1.dims3()?;

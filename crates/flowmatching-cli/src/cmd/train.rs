@@ -9,7 +9,7 @@ use flowmatching::path::Prediction;
 use flowmatching::train::{RunConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ActivationArg, ModelArg, TimeArg, TrainArgs, UNetPreset};
-use crate::training::train_in_folder;
+use crate::training::{continue_to, train_in_folder};
 use crate::{io, memory};
 
 /// The network the command line asks for, for data of this shape.
@@ -195,16 +195,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             "a resumed run keeps its batch size and model, so resume it on a machine \
              with more memory",
         )?;
-        let mut t = ckpt.into_trainer(&device)?;
-        if a.steps <= t.step_count() {
-            bail!(
-                "--resume: the checkpoint is already at step {}; pass a larger --steps",
-                t.step_count()
-            );
-        }
-        t.set_total_steps(a.steps);
-        eprintln!("resuming from step {} of {}", t.step_count(), a.steps);
-        t
+        continue_to(ckpt.into_trainer(&device)?, a.steps)?
     } else {
         if a.out.join(checkpoint::META_FILE).exists() {
             bail!(

@@ -13,7 +13,7 @@ use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
 
 use crate::cli::{ModelArg, TrainArgs};
 use crate::memory;
-use crate::training::train_in_folder;
+use crate::training::{continue_to, train_in_folder};
 
 /// The corpus folder of a `speech:DIR` data name, if it is one.
 pub fn corpus_dir(data: &str) -> Option<PathBuf> {
@@ -87,16 +87,7 @@ fn resume(a: &TrainArgs, device: &candle_core::Device) -> Result<Trainer> {
         );
     }
     ckpt.check_architecture(device)?;
-    let mut t = ckpt.into_trainer(device)?;
-    if a.steps <= t.step_count() {
-        bail!(
-            "--resume: the checkpoint is already at step {}; pass a larger --steps",
-            t.step_count()
-        );
-    }
-    t.set_total_steps(a.steps);
-    eprintln!("resuming from step {} of {}", t.step_count(), a.steps);
-    Ok(t)
+    continue_to(ckpt.into_trainer(device)?, a.steps)
 }
 
 pub fn run(a: &TrainArgs, dir: &Path) -> Result<()> {

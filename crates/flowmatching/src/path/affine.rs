@@ -95,6 +95,24 @@ impl AffinePath {
         Ok(PathSample { t, x_t, dx_t })
     }
 
+    /// What a network predicting `prediction` regresses onto at the path sample `s` of (x0, x1, t): the
+    /// velocity dx_t, x1, x0 (epsilon), or the velocity converted (the score -x0 / sigma_t).
+    pub fn regression_target(
+        &self,
+        prediction: Prediction,
+        x0: &Tensor,
+        x1: &Tensor,
+        s: &PathSample,
+        t: &[f64],
+    ) -> Result<Tensor> {
+        Ok(match prediction {
+            Prediction::Velocity => s.dx_t.clone(),
+            Prediction::X1 => x1.clone(),
+            Prediction::Epsilon => x0.clone(),
+            other => self.from_velocity(other, &s.dx_t, &s.x_t, t)?,
+        })
+    }
+
     /// x_t and the regression target for `prediction`, on flat row-major host buffers (rows of `dim`):
     /// the same values as [`AffinePath::sample`] followed by the conversion of the velocity target
     /// (x1 for [`Prediction::X1`], x0 for [`Prediction::Epsilon`], -x0 / sigma_t for [`Prediction::Score`]).

@@ -371,6 +371,18 @@ impl Trainer {
         self.config.train.steps = steps;
     }
 
+    /// The learning rate of the next step: warm-up, then the configured decay.
+    fn learning_rate(&self) -> f64 {
+        let c = &self.config.train;
+        scheduled_lr(
+            c.optimizer.lr,
+            self.step,
+            c.warmup_steps,
+            c.steps,
+            c.lr_decay,
+        )
+    }
+
     /// The CFM loss for given noise, data and times (no update): mean squared error of the prediction
     /// against the path's target in the configured prediction form.
     pub fn loss(&self, x0: &Tensor, x1: &Tensor, t: &[f64]) -> Result<Tensor> {
@@ -485,13 +497,7 @@ impl Trainer {
         let (x0, x1, labels, t) = self.draw_batch(data, source)?;
         let weights = self.config.weighting.weights(&self.config.path, &t)?;
         let c = self.config.train;
-        let lr = scheduled_lr(
-            c.optimizer.lr,
-            self.step,
-            c.warmup_steps,
-            c.steps,
-            c.lr_decay,
-        );
+        let lr = self.learning_rate();
         let step = self.step;
         let value = match &mut self.engine {
             Engine::Candle { opt, ema } => {
@@ -735,23 +741,6 @@ fn concat(tensors: &[Tensor]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// What the network regresses onto for its prediction type.
-fn regression_target(
-    path: &AffinePath,
-    prediction: Prediction,
-    x0: &Tensor,
-    x1: &Tensor,
-    s: &crate::path::PathSample,
-    t: &[f64],
-) -> Result<Tensor> {
-    Ok(match prediction {
-        Prediction::Velocity => s.dx_t.clone(),
-        Prediction::X1 => x1.clone(),
-        Prediction::Epsilon => x0.clone(),
-        other => path.from_velocity(other, &s.dx_t, &s.x_t, t)?,
-    })
-}
-
 /// The regression loss of `model` for given noise, data and per-row times: mean over rows of
 /// lambda(t_i) times the mean squared error of row i (lambda = 1 when `weights` is None).
 pub fn cfm_loss(
@@ -764,7 +753,7 @@ pub fn cfm_loss(
     weights: Option<&[f64]>,
 ) -> Result<Tensor> {
     let s = path.sample(x0, x1, t)?;
-    let target = regression_target(path, prediction, x0, x1, &s, t)?;
+    let target = path.regression_target(prediction, x0, x1, &s, t)?;
     let pred = model.forward(&s.x_t, &s.t)?;
     let sq = (pred - target)?.sqr()?;
     match weights {

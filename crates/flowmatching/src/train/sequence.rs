@@ -8,7 +8,6 @@ use crate::data::SequenceDataset;
 use crate::error::{Error, Result};
 use crate::infill::{masked_cfm_loss, InfillBatch, SpanMasking};
 use crate::nn::Model;
-use crate::optim::scheduled_lr;
 use crate::rng::Rng;
 
 /// `b` sequences drawn with replacement, each cropped at random to at most `max_frames`, padded to the
@@ -108,13 +107,7 @@ impl Trainer {
             &batch,
             weights.as_deref(),
         )?;
-        let lr = scheduled_lr(
-            c.optimizer.lr,
-            self.step,
-            c.warmup_steps,
-            c.steps,
-            c.lr_decay,
-        );
+        let lr = self.learning_rate();
         let Engine::Candle { opt, ema } = &mut self.engine else {
             return Err(Error::Config("the fused engine trains MLPs only".into()));
         };
