@@ -146,37 +146,58 @@ pub struct RunKey {
     pub model: flowmatching::nn::ModelConfig,
 }
 
-/// Checks --out against --resume: a fresh run refuses a folder that holds one, a resumed run needs
-/// the same key.
+impl RunKey {
+    fn describe(&self) -> String {
+        format!(
+            "data {}, seed {}, {} steps at batch {}",
+            self.data, self.seed, self.sizes.steps, self.sizes.batch
+        )
+    }
+}
+
+/// Checks --out against --resume for an ablation.
 pub fn claim_out(out: &Path, resume: bool, key: &RunKey) -> Result<()> {
+    claim_folder(out, resume, key, "an ablation", RunKey::describe)
+}
+
+/// Checks --out against --resume: a fresh run refuses a folder that holds one (its run.json), a
+/// resumed run needs the same key. `what` names the kind of run ("an ablation"); `describe` says
+/// what a saved key holds.
+pub fn claim_folder<K>(
+    out: &Path,
+    resume: bool,
+    key: &K,
+    what: &str,
+    describe: impl Fn(&K) -> String,
+) -> Result<()>
+where
+    K: PartialEq + serde::Serialize + serde::de::DeserializeOwned,
+{
     let path = out.join("run.json");
     match (path.exists(), resume) {
         (false, false) => {}
         (true, false) => bail!(
-            "{} holds an ablation already: --resume continues it, or choose another --out",
+            "{} holds {what} already: --resume continues it, or choose another --out",
             out.display()
         ),
         (false, true) => bail!(
-            "--resume: {} holds no ablation to continue (no run.json)",
-            out.display()
+            "--resume: {} holds no {} to continue (no run.json)",
+            out.display(),
+            what.split_once(' ').map_or(what, |(_, noun)| noun)
         ),
         (true, true) => {
-            let Ok(saved) = io::read_json::<RunKey>(&path) else {
+            let Ok(saved) = io::read_json::<K>(&path) else {
                 bail!(
-                    "--resume: {} is not the record of an ablation (the run.json `flowmatching ablate` \
-                     writes)",
+                    "--resume: {} is not the record of {what} (the run.json it writes)",
                     path.display()
                 );
             };
             if &saved != key {
                 bail!(
-                    "--resume: the ablation in {} was started with other settings (data {}, seed {}, \
-                     {} steps at batch {}); give the same --data, --preset, sizes and --seed",
+                    "--resume: the run in {} was started with other settings ({}); give the same \
+                     --data, sizes and --seed",
                     out.display(),
-                    saved.data,
-                    saved.seed,
-                    saved.sizes.steps,
-                    saved.sizes.batch
+                    describe(&saved)
                 );
             }
         }

@@ -41,6 +41,8 @@ pub enum Command {
     Reflow(ReflowArgs),
     /// Independent vs OT vs Sinkhorn coupling vs reflow on one data set: a report with plots.
     Couplings(CouplingsArgs),
+    /// Time sampling in training, sampling grids and the guidance interval compared: a report.
+    Schedules(SchedulesArgs),
     /// Synthesise a speech corpus with espeak-ng: log-mel frames, the phone of every frame, speakers,
     /// a train/test split by sentence, and a few WAV files to listen to.
     SpeechCorpus(SpeechCorpusArgs),
@@ -165,6 +167,47 @@ pub struct CouplingsArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Only re-render report.md from the folder's results.json.
+    #[arg(long)]
+    pub report_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulesArgs {
+    /// A built-in 2-D set, a .npy / .csv of 2-D points, or images (fashion-mnist, an image folder, a
+    /// .npy of images: then the network is the `tiny` U-Net, quality is FD and --classifier is needed).
+    #[arg(long, default_value = "checkerboard")]
+    pub data: String,
+    /// Images: the evaluation classifier (from `flowmatching classifier train`) for FD and accuracy.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Output folder: report.md, results.json, PNGs, and a checkpoint per variant.
+    #[arg(long, default_value = "schedules")]
+    pub out: PathBuf,
+    /// A smoke run (small network, few steps and samples).
+    #[arg(long)]
+    pub quick: bool,
+    /// Override the steps per variant.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Override the samples per cell.
+    #[arg(long)]
+    pub num_samples: Option<usize>,
+    /// Skip the guidance comparison on labelled images.
+    #[arg(long)]
+    pub no_guidance: bool,
+    /// Guidance weight of the guidance comparison.
+    #[arg(long, default_value_t = 3.0)]
+    pub guidance: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub images: ImageDataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Continue the interrupted study in --out (same settings): finished variants are kept.
+    #[arg(long)]
+    pub resume: bool,
+    /// Rewrite report.md from the results.json already in --out.
     #[arg(long)]
     pub report_only: bool,
 }

@@ -16,6 +16,7 @@ mod progress;
 mod report;
 mod resolve;
 mod sampling;
+mod studies;
 mod training;
 
 use clap::{CommandFactory, FromArgMatches};
@@ -93,6 +94,7 @@ fn main() {
         cli::Command::Eval(a) => cmd::eval::run(a),
         cli::Command::Reflow(a) => cmd::reflow::run(a),
         cli::Command::Couplings(a) => cmd::couplings::run(a),
+        cli::Command::Schedules(a) => cmd::schedules::run(a),
         cli::Command::SpeechCorpus(a) => cmd::speech_corpus::run(a),
         cli::Command::Infill(a) => cmd::infill::run(a),
     };

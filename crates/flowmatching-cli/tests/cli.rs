@@ -299,6 +299,75 @@ fn help_explains_the_commands() {
     }
 }
 
+/// The schedules study end to end on 2-D data: every cell in results.json, the verdicts in the report,
+/// and an interrupted run continued without training finished variants again.
+#[test]
+fn schedules_quick_smoke() {
+    let dir = tmpdir("schedules");
+    let out = dir.join("report");
+    let args = [
+        "schedules",
+        "--quick",
+        "--steps",
+        "40",
+        "--num-samples",
+        "200",
+        "--data",
+        "moons",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let variants = r["variants"].as_array().unwrap();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["uniform", "logit-normal", "mode"],
+        "no guidance on unlabelled data"
+    );
+    for v in variants {
+        assert_eq!(
+            v["cells"].as_array().unwrap().len(),
+            3 * 2 * 4,
+            "grids x solvers x NFE"
+        );
+    }
+    assert_eq!(r["variants"][1]["time_sampling"]["kind"], "logit_normal");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for want in [
+        "shift:3",
+        "edm:7",
+        "mode",
+        "lowest energy distance per column",
+    ] {
+        assert!(md.contains(want), "{want} missing from the report:\n{md}");
+    }
+    for f in ["trainings.png", "grids.png", "samples-uniform.png"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let o = run(&args);
+    assert_clean_failure(&o, "holds a schedules study already: --resume continues it");
+    // An interrupted run: one variant's results gone; --resume trains only that one.
+    std::fs::remove_file(out.join("results").join("mode.json")).unwrap();
+    let o = run(&[&args[..], &["--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("already measured").count(), 2);
+    assert_eq!(stderr(&o).matches("schedules: training").count(), 1);
+    let mut other = args.to_vec();
+    other[3] = "41";
+    let o = run(&[&other[..], &["--resume"]].concat());
+    assert_clean_failure(
+        &o,
+        "was started with other settings (data moons, seed 0, 40 steps",
+    );
+}
+
 /// The ablation end to end at a toy size: every file of the report is written and the report names all
 /// five objectives.
 #[test]
@@ -533,6 +602,60 @@ fn images_train_sample_classify_and_evaluate() {
     ] {
         assert!(abl.join(f).exists(), "{f} missing");
     }
+
+    // The schedules study on images: three time samplings, three grids, and the guidance comparison
+    // on a class-conditional model at equal NFE budgets.
+    let sched = d.join("schedules");
+    let o = run(&[
+        "schedules",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+        "--quick",
+        "--steps",
+        "2",
+        "--num-samples",
+        "6",
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--out",
+        sched.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sched.join("results.json")).unwrap())
+            .unwrap();
+    let variants = r["variants"].as_array().unwrap();
+    assert_eq!(
+        variants.len(),
+        4,
+        "three time samplings and the conditional model"
+    );
+    let guided = variants[3]["guided"].as_array().unwrap();
+    assert_eq!(guided.len(), 9, "three modes at three budgets");
+    for c in guided {
+        let (nfe, budget) = (c["nfe"].as_u64().unwrap(), c["budget"].as_u64().unwrap());
+        assert!(nfe <= budget && 2 * nfe > budget, "{c}");
+        let acc = c["accuracy"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&acc) && c["fd"].as_f64().unwrap().is_finite(),
+            "{c}"
+        );
+    }
+    let md = std::fs::read_to_string(sched.join("report.md")).unwrap();
+    for want in [
+        "Guidance interval",
+        "logit-normal",
+        "edm:7",
+        "Which option wins where",
+    ] {
+        assert!(
+            md.contains(want),
+            "{want} missing from the schedules report:\n{md}"
+        );
+    }
+    assert!(sched.join("guidance.png").exists() && sched.join("samples-conditional.png").exists());
 
     // Errors: guidance out of range, a class that does not exist, guidance on a 2-D model, missing data.
     let o = run(&[

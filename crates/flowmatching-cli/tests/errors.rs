@@ -946,6 +946,38 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "is not the record of an ablation",
             &[&claimed.join("report.md")],
         ),
+        case(
+            "E77",
+            &[
+                "schedules",
+                "--data",
+                &s(&three),
+                "--out",
+                &s(&d.join("sch")),
+            ],
+            "schedules works on 2-D points or images",
+            &[&d.join("sch")],
+        ),
+        case(
+            "E78",
+            &[
+                "schedules",
+                "--data",
+                "fashion-mnist",
+                "--data-dir",
+                &s(&fashion),
+                "--out",
+                &s(&d.join("sch")),
+            ],
+            "pass --classifier",
+            &[&d.join("sch")],
+        ),
+        case(
+            "E79",
+            &["schedules", "--data", "moons", "--out", &s(&claimed)],
+            "holds a schedules study already: --resume continues it",
+            &[&claimed.join("report.md")],
+        ),
     ]
 }
 

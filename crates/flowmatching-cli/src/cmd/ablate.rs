@@ -6,8 +6,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use flowmatching::data::DataSource;
-use flowmatching::eval::frechet::GaussianStats;
 use flowmatching::experiments::ablation::{
     self, energy_distance_name, Ablation, Evaluator, Quality, Results, Sizes,
 };
@@ -18,7 +16,7 @@ use crate::ablation_out::{claim_out, Reporter, RunKey};
 use crate::cli::{AblateArgs, Preset};
 
 use crate::report::ablation::{figures, file_name, paths, write_report};
-use crate::{io, memory, plot};
+use crate::{io, memory, plot, studies};
 
 /// The preset's sizes with the command line's overrides.
 fn sizes(a: &AblateArgs, image: bool) -> Result<Sizes> {
@@ -56,44 +54,6 @@ fn sizes(a: &AblateArgs, image: bool) -> Result<Sizes> {
         s.max_adaptive_steps = m;
     }
     Ok(s)
-}
-
-/// The images FD and the likelihood are measured against: Fashion-MNIST's test half, else the data.
-fn reference_set(data: &str) -> String {
-    match data {
-        "fashion-mnist" | "fashion-mnist:train" => "fashion-mnist:test".into(),
-        other => other.into(),
-    }
-}
-
-/// The quality measure: the energy distance to fresh points, or FD against the reference images.
-fn quality(
-    a: &AblateArgs,
-    data: &dyn DataSource,
-    s: &Sizes,
-    device: &candle_core::Device,
-) -> Result<Quality> {
-    let Some(shape) = data.image_shape() else {
-        return Ok(Quality::Energy {
-            reference: data.sample(&mut Rng::new(a.seed).fork(300), s.samples),
-            checkerboard: a.data == "checkerboard",
-        });
-    };
-    let Some(path) = &a.classifier else {
-        bail!(
-            "an image ablation measures FD with an evaluation classifier: pass --classifier \
-             (made by `flowmatching classifier train`)"
-        );
-    };
-    let classifier = crate::resolve::load_classifier(path, shape, device)?;
-    let reference = io::open_image_set(&reference_set(&a.data), &a.images.options())?;
-    let rows = &reference.rows()[..s.samples.min(reference.len()) * DataSource::dim(&reference)];
-    let reference = classifier.feature_stats(rows, device)?;
-    Ok(Quality::Fd {
-        classifier: Box::new(classifier),
-        reference,
-        shape,
-    })
 }
 
 /// The command that reproduces this run.
@@ -160,7 +120,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
     if image.is_none() && !device.is_cpu() {
         bail!("the 2-D ablation runs on the CPU (its MLP engine is CPU-only); drop --device");
     }
-    let model_config = ablation::network(&s, image);
+    let model_config = ablation::network(s.hidden, image);
     model_config.validate()?;
     let probe = flowmatching::train::RunConfig::new(
         model_config.clone(),
@@ -191,12 +151,20 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         "the ablation",
         "lower --num-samples or --base-channels, or choose a smaller --preset",
     )?;
-    let quality = quality(a, data.as_ref(), &s, &device)?;
+    let quality = studies::quality(
+        &a.data,
+        a.classifier.as_deref(),
+        &data_opts,
+        data.as_ref(),
+        s.samples,
+        a.seed,
+        &device,
+    )?;
     // Held-out points for the likelihood: fresh 2-D draws, or dequantized reference images.
     let held_out = match image {
         None => data.sample(&mut Rng::new(a.seed).fork(301), s.nll_points),
         Some(_) => {
-            let set = reference_set(&a.data);
+            let set = studies::reference_set(&a.data);
             io::dequantized_images(&set, &data_opts, Some(s.nll_points), a.seed)?.0
         }
     };
@@ -218,20 +186,8 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         held_out,
         image,
     };
-    // FD's floor and ceiling at this sample size: real training images, and a Gaussian of their pixels.
-    let (fd_floor, fd_gaussian) = match image {
-        Some(shape) => {
-            let mut rng = Rng::new(a.seed).fork(302);
-            let real = data.sample(&mut rng, s.samples);
-            let pixels = GaussianStats::of(&real, shape.iter().product())?;
-            let gauss = pixels.sample(&mut rng, s.samples)?;
-            (
-                Some(experiment.eval.distance(&real)?),
-                Some(experiment.eval.distance(&gauss)?),
-            )
-        }
-        None => (None, None),
-    };
+    let (fd_floor, fd_gaussian) =
+        studies::fd_bounds(&experiment.eval, data.as_ref(), s.samples, a.seed)?;
     claim_out(
         &a.out,
         a.resume,

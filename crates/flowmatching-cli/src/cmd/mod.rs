@@ -10,6 +10,7 @@ pub mod infill;
 pub mod likelihood;
 pub mod reflow;
 pub mod sample;
+pub mod schedules;
 pub mod solvers;
 pub mod speech_corpus;
 pub mod train;

@@ -2,3 +2,4 @@
 
 pub mod ablation;
 pub mod couplings;
+pub mod schedules;

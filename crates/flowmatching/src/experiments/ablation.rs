@@ -203,13 +203,14 @@ pub fn run_config(
     RunConfig::new(model, obj.parts(), train, data)
 }
 
-/// The MLP of the 2-D ablation, or the unconditional `tiny` U-Net (base channels `s.hidden`) on images.
-pub fn network(s: &Sizes, image: Option<[usize; 3]>) -> ModelConfig {
+/// The MLP of the 2-D ablation (width `hidden`), or the unconditional `tiny` U-Net (base channels
+/// `hidden`) on images.
+pub fn network(hidden: usize, image: Option<[usize; 3]>) -> ModelConfig {
     match image {
-        None => ModelConfig::Mlp(MlpConfig::silu(2, s.hidden, 4)),
+        None => ModelConfig::Mlp(MlpConfig::silu(2, hidden, 4)),
         Some([c, h, w]) => {
             let mut u = UNetConfig::tiny(c, h, w, 0);
-            u.base_channels = s.hidden;
+            u.base_channels = hidden;
             ModelConfig::UNet(u)
         }
     }
@@ -417,7 +418,7 @@ pub struct Ablation<'a> {
 impl Ablation<'_> {
     /// The network every objective trains.
     pub fn network(&self) -> ModelConfig {
-        network(&self.sizes, self.image)
+        network(self.sizes.hidden, self.image)
     }
 
     /// Trains and measures every objective in [`Objective::ALL`] order.

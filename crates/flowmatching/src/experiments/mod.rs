@@ -7,3 +7,4 @@
 
 pub mod ablation;
 pub mod couplings;
+pub mod schedules;
