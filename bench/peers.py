@@ -2,6 +2,8 @@
 
 Usage: .venv/bin/python peers.py WORKLOAD [--iters N] [--warmup N] [--checkpoint DIR]
 Prints one JSON line like `flowmatching-bench`. Defaults are the libraries' own (float32, all cores).
+`--precision bf16` runs the MLP workloads (b1, b2, step, b3-*) under `torch.autocast("cpu",
+dtype=torch.bfloat16)`, as flow_matching's and torchcfm's image examples train.
 
 `ot --batch N --dim D --points FILE` is exact minibatch OT as torchcfm's OT-CFM computes it: POT's
 `ot.dist` (squared Euclidean, float64) and `ot.emd` at its default iteration cap, timed; SciPy's
@@ -22,6 +24,16 @@ from flow_matching.utils import ModelWrapper
 
 
 DEVICE = "cpu"
+# torch.autocast's dtype for the MLP workloads (None: float32).
+AUTOCAST = None
+
+
+def autocast():
+    """The autocast context of --precision (a no-op context in float32)."""
+    import contextlib
+    if AUTOCAST is None:
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE, dtype=AUTOCAST)
 
 
 def sync():
@@ -83,7 +95,9 @@ def train_step_fn(hidden, depth, batch, act, sigma_min):
         else:  # torchcfm's ConditionalFlowMatcher with sigma = 0
             tt = t[:, None]
             xt, ut = tt * x1 + (1 - tt) * x0, x1 - x0
-        loss = torch.pow(model(xt, t) - ut, 2).mean()
+        with autocast():
+            v = model(xt, t)
+        loss = torch.pow(v.float() - ut, 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,11 +164,16 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dim", type=int, default=2)
     ap.add_argument("--points")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     a = ap.parse_args()
     if a.workload == "ot":
         return ot_workload(a)
-    global DEVICE
+    global DEVICE, AUTOCAST
     DEVICE = a.device
+    if a.precision == "bf16":
+        if a.workload in ("b4", "gemm"):
+            raise SystemExit(f"--precision bf16 is for the MLP training and sampling workloads, not {a.workload}")
+        AUTOCAST = torch.bfloat16
     torch.manual_seed(0)
     w = a.workload
     nfe = None
@@ -178,7 +197,7 @@ def main():
 
             def fn():
                 wrapped.calls = 0
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     if w == "b3-midpoint":
                         solver.sample(x_init=x0, method="midpoint", step_size=0.05,
                                       time_grid=torch.tensor([0.0, 1.0], device=DEVICE))
@@ -211,6 +230,8 @@ def main():
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     name = f"step-h{a.hidden}-b{a.batch}" if w == "step" else w
+    if a.precision == "bf16":
+        name += "-bf16"
     med = statistics.median(times)
     gflops = 2 * 2048 ** 3 / (med * 1e6) if w == "gemm" else None
     print(json.dumps({"workload": name, "impl": "pytorch", "device": DEVICE, "median_ms": med, "times_ms": times, "nfe": nfe,

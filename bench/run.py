@@ -35,6 +35,14 @@ WORKLOADS = {
     "gemm": (10, 3),
     "b5-step-cpu": (10, 2),
     "b5-sample-cpu": (2, 1),
+    "b1-bf16": (5, 2),
+    "b3-midpoint-bf16": (1, 1),
+}
+# Mixed precision: our bf16 products (AVX-512 BF16) against torch.autocast("cpu", dtype=torch.bfloat16),
+# the same workload otherwise: workload -> (workload, arguments for both sides).
+BF16 = {
+    "b1-bf16": ("b1", ["--precision", "bf16"]),
+    "b3-midpoint-bf16": ("b3-midpoint", ["--precision", "bf16"]),
 }
 # The U-Net workloads on the CPU: the tiny U-Net (the CPU preset) at a CPU-sized batch, against the same
 # U-Net in torch eager (peer_unet.py): workload -> (our bench workload, arguments for both sides).
@@ -115,6 +123,8 @@ def main():
         kind = "step" if name.startswith("step") else "ot" if name.startswith("ot-") else name
         if name in UNET_CPU:
             kind, extra = UNET_CPU[name]
+        if name in BF16:
+            kind, extra = BF16[name]
         ours_only = []
         if name in EQUAL_ERROR:
             kind, ours_only = EQUAL_ERROR[name]
@@ -136,18 +146,19 @@ def main():
         row = {"workload": name, "ours_ms": o, "peer_ms": p, "ratio": p / o,
                "round_ratio_min": min(rounds), "round_ratio_max": max(rounds),
                "ours_gflops": ours[-1].get("gflops"), "peer_gflops": peer[-1].get("gflops"),
-               "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"]}
+               "ours_nfe": ours[-1]["nfe"], "peer_nfe": peer[-1]["nfe"], "threads": ours[-1]["threads"],
+               "ours_precision": ours[-1].get("precision"), "cpu": ours[-1].get("cpu")}
         if name.startswith("ot-"):
             row.update({"ours_cost": ours[-1]["cost"], "peer_cost": peer[-1]["cost"],
                         "ours_certified": ours[-1]["certified"], "pot_optimal": peer[-1]["pot_optimal"],
                         "scipy_ms": peer[-1].get("scipy_ms"), "scipy_cost": peer[-1].get("scipy_cost")})
-        if name in ("b1",) or name.startswith("step"):
+        if name in ("b1", "b1-bf16") or name.startswith("step"):
             row["ours_peak_rss_kb"] = peak_rss_kb(ours_cmd)
             row["peer_peak_rss_kb"] = peak_rss_kb(peer_cmd)
         results.append(row)
         print(json.dumps(row), flush=True)
-    info = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "rounds": a.rounds}
+    cpu = next((r["cpu"] for r in results if r.get("cpu")), platform.processor() or platform.machine())
+    info = {"date": str(date.today()), "machine": cpu, "cpus": os.cpu_count(), "rounds": a.rounds}
     (OUT / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     lines = ["| workload | flowmatching (ms) | PyTorch peer (ms) | ratio peer/ours | rounds' ratios | NFE ours / peer |",
              "|---|---|---|---|---|---|"]
@@ -163,6 +174,7 @@ def main():
             scipy = f"{r['scipy_ms']:.0f}" if r["scipy_ms"] is not None else "-"
             lines.append(f"| {r['workload']} | {r['ours_ms']:.1f} | {r['peer_ms']:.1f} | {r['ratio']:.2f} | {scipy} "
                          f"| {r['ours_cost']:.10f}, {r['ours_certified']} | {r['peer_cost']:.10f}, {r['pot_optimal']} |")
+    lines += ["", f"{info['date']}, {cpu}, {info['cpus']} CPUs, {a.rounds} rounds."]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

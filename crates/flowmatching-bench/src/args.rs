@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// rtol = atol of the Dopri5 solves in b3-dopri5 and b4 (the workloads' own setting is 1e-5).
     #[arg(long, default_value_t = 1e-5)]
     pub tol: f64,
+    /// Matrix products of the MLP workloads (b1, b2, step, b3-*) in f32, or bf16 with f32
+    /// accumulation (AVX-512 BF16; elsewhere f32, and the JSON line says so).
+    #[arg(long, default_value = "f32", value_parser = precision)]
+    pub precision: flowmatching::precision::Precision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,4 +83,8 @@ pub enum DeviceArg {
 pub enum UNetPreset {
     Tiny,
     Small,
+}
+
+fn precision(s: &str) -> Result<flowmatching::precision::Precision, String> {
+    flowmatching::precision::Precision::parse(s).map_err(|e| e.to_string())
 }

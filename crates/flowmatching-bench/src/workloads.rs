@@ -14,6 +14,7 @@ use flowmatching::objective::Weighting;
 use flowmatching::optim::{AdamWConfig, LrDecay};
 use flowmatching::path::Prediction;
 use flowmatching::path::SchedulerConfig;
+use flowmatching::precision::Precision;
 use flowmatching::rng::Rng;
 use flowmatching::solver::{solve, Adaptive, SolveOptions, SolverKind, StepControl};
 use flowmatching::train::{RunConfig, TrainConfig, Trainer, FORMAT_VERSION};
@@ -32,6 +33,10 @@ struct Timing {
     times_ms: Vec<f64>,
     nfe: Option<usize>,
     threads: usize,
+    /// The matrix products' arithmetic in force.
+    precision: &'static str,
+    /// The CPU's model name and detected units.
+    cpu: String,
 }
 
 /// A training step as the peers run it: Adam (no weight decay), no clipping, no EMA, constant lr.
@@ -70,6 +75,7 @@ pub fn train_config(
             time_sampling: Default::default(),
             masking: Default::default(),
             crop_frames: None,
+            precision: Default::default(),
         },
         data: "checkerboard".into(),
         source: None,
@@ -115,6 +121,8 @@ fn unet_parts(a: &BenchArgs, dev: &Device) -> Result<()> {
             times_ms: times,
             nfe: None,
             threads: candle_core::utils::get_num_threads(),
+            precision: Precision::F32.name(),
+            cpu: flowmatching::precision::cpu_units().describe(),
         };
         println!("{}", serde_json::to_string(&t)?.replace("impl_", "impl"));
         Ok(())
@@ -252,6 +260,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             ""
         }
     );
+    let mut in_force = Precision::F32;
     let (name, (times, nfe)) = match a.workload {
         Workload::UnetParts => return unet_parts(a, &dev),
         Workload::Ot => return crate::ot::run(a),
@@ -287,7 +296,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 Workload::B2 => train_config(64, 3, 256, Activation::Selu),
                 _ => train_config(a.hidden, 4, a.batch, Activation::Silu),
             };
+            let cfg = RunConfig {
+                train: TrainConfig {
+                    precision: a.precision,
+                    ..cfg.train
+                },
+                ..cfg
+            };
             let mut trainer = Trainer::new(cfg, &dev)?;
+            in_force = trainer.precision();
             let data = Toy2d::Checkerboard;
             let name = match a.workload {
                 Workload::Step => format!("step-h{}-b{}", a.hidden, a.batch),
@@ -305,32 +322,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let mut rng = Rng::new(0);
             let (lhs, rhs) = (rng.normal_vec(n * n), rng.normal_vec(n * n));
             let mut c = vec![0f32; n * n];
-            let threads = rayon::current_num_threads();
+            in_force = a.precision.on_this_cpu();
             let r = time(a.warmup, a.iters, || {
-                // SAFETY: three n x n row-major buffers.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        n,
-                        n,
-                        c.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        n as isize,
-                        rhs.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    );
-                }
+                flowmatching::nn::matmul(in_force, (n, n, n), &lhs, &rhs, &mut c)?;
                 Ok(None)
             })?;
             ("gemm".into(), r)
@@ -340,7 +334,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 bail!("this workload needs --checkpoint (the B1 model)")
             };
             let ckpt = Checkpoint::load(ck, &dev)?;
-            let model = ckpt.model(&dev, false)?;
+            let mut model = ckpt.model(&dev, false)?;
+            if a.workload != Workload::B4 {
+                // Likelihoods stay f32.
+                in_force = model.set_precision(a.precision);
+            }
             let dopri = Adaptive::new(a.tol, a.tol)?;
             match a.workload {
                 Workload::B4 => {
@@ -391,12 +389,17 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let t = Timing {
         device: format!("{:?}", a.device).to_lowercase(),
         gflops,
-        workload: name,
+        workload: match in_force {
+            Precision::F32 => name,
+            p => format!("{name}-{}", p.name()),
+        },
         impl_: "flowmatching",
         median_ms: median(&times),
         times_ms: times,
         nfe,
         threads: candle_core::utils::get_num_threads(),
+        precision: in_force.name(),
+        cpu: flowmatching::precision::cpu_units().describe(),
     };
     println!("{}", serde_json::to_string(&t)?.replace("impl_", "impl"));
     Ok(())

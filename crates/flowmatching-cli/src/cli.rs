@@ -369,6 +369,9 @@ pub struct DemoArgs {
     /// Peak AdamW learning rate (cosine decay to 0 after 100 warm-up steps).
     #[arg(value_parser = finite, long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// Matrix products of training and sampling in f32, or bf16 with f32 accumulation.
+    #[arg(long, default_value = "f32", value_parser = precision)]
+    pub precision: flowmatching::precision::Precision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -496,6 +499,10 @@ pub struct TrainArgs {
     /// mode:S (SD3's mode sampling), or cosmap. t = 0 is noise, t = 1 data.
     #[arg(long, default_value = "uniform", value_parser = time_sampling)]
     pub time_sampling: flowmatching::timesteps::TimeSampling,
+    /// Matrix products in f32, or bf16 with f32 accumulation (MLP models on a CPU with AVX-512 BF16;
+    /// weights, optimizer state and the loss stay f32).
+    #[arg(long, default_value = "f32", value_parser = precision)]
+    pub precision: flowmatching::precision::Precision,
     /// The options given on the command line (not defaulted), by id: filled in by `main`.
     #[arg(skip)]
     pub given: Vec<String>,
@@ -528,6 +535,11 @@ fn interval(s: &str) -> Result<(f64, f64), String> {
         [lo, hi] if 0.0 <= lo && lo <= hi && hi <= 1.0 => Ok((lo, hi)),
         _ => Err("expected LO,HI with 0 <= LO <= HI <= 1 (e.g. 0.2,0.8)".into()),
     }
+}
+
+/// `--precision`: f32 or bf16.
+pub fn precision(s: &str) -> Result<flowmatching::precision::Precision, String> {
+    flowmatching::precision::Precision::parse(s).map_err(|e| e.to_string())
 }
 
 /// `--time-sampling`: uniform, logit-normal[:M,S], mode:S, cosmap.
@@ -695,6 +707,9 @@ pub struct SampleArgs {
     /// A checkpoint folder (or its checkpoint.json), e.g. the output of `train` or `demo`.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Matrix products in f32, or bf16 with f32 accumulation (MLP models on a CPU with AVX-512 BF16).
+    #[arg(long, default_value = "f32", value_parser = precision)]
+    pub precision: flowmatching::precision::Precision,
     /// Where to write the samples (.npy, N x D); statistics go beside it as NAME.stats.json.
     #[arg(long, default_value = "samples.npy")]
     pub out: PathBuf,

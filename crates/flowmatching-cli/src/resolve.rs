@@ -42,6 +42,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         time_sampling: a.time_sampling,
         masking: Default::default(),
         crop_frames: None,
+        precision: a.precision,
     })
 }
 

@@ -205,3 +205,24 @@ pub fn continue_to(mut trainer: Trainer, steps: u64) -> Result<Trainer> {
     eprintln!("resuming from step {} of {steps}", trainer.step_count());
     Ok(trainer)
 }
+
+/// Says when the precision asked for does not run here: bf16 on a CPU without AVX-512 BF16, or for a
+/// model other than the MLP engine.
+pub fn note_precision(
+    asked: flowmatching::precision::Precision,
+    in_force: flowmatching::precision::Precision,
+) {
+    if asked == in_force {
+        return;
+    }
+    let units = flowmatching::precision::cpu_units();
+    let why = match units.bf16_matmul() {
+        false => format!("this CPU ({}) has no AVX-512 BF16", units.describe()),
+        true => "bf16 runs the MLP engine's matrix products only".to_string(),
+    };
+    eprintln!(
+        "precision: {} asked, but {why}: matrix products run {}",
+        asked.name(),
+        in_force.name()
+    );
+}

@@ -299,6 +299,66 @@ fn help_explains_the_commands() {
     }
 }
 
+/// `--precision bf16` trains and samples through the bf16 products where the CPU has AVX-512 BF16,
+/// says so in the checkpoint and the metrics, and elsewhere runs f32 with a note.
+#[test]
+fn bf16_demo_and_sampling() {
+    let dir = tmpdir("bf16");
+    let out = dir.join("demo");
+    let o = run(&[
+        "demo",
+        "--steps",
+        "300",
+        "--num-samples",
+        "500",
+        "--precision",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let ck = std::fs::read_to_string(out.join("checkpoint.json")).unwrap();
+    assert!(
+        ck.contains("\"precision\": \"bf16\""),
+        "the run's configuration records it"
+    );
+    let has_units = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .contains("avx512_bf16");
+    let want = if has_units { "bf16" } else { "f32" };
+    assert_eq!(metrics["precision"], want);
+    if !has_units {
+        assert!(stderr(&o).contains("has no AVX-512 BF16"), "{}", stderr(&o));
+    }
+    let samples = dir.join("s.npy");
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--num-samples",
+        "100",
+        "--precision",
+        "bf16",
+        "--out",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Resuming with another precision is refused: a resumed run keeps its configuration.
+    let o = run(&[
+        "train",
+        "--data",
+        "checkerboard",
+        "--resume",
+        "--precision",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "--precision gives");
+}
+
 /// The schedules study end to end on 2-D data: every cell in results.json, the verdicts in the report,
 /// and an interrupted run continued without training finished variants again.
 #[test]

@@ -978,6 +978,47 @@ fn catalogue(d: &Path) -> Vec<Case> {
             "holds a schedules study already: --resume continues it",
             &[&claimed.join("report.md")],
         ),
+        case(
+            "E80",
+            &[
+                "sample",
+                "--checkpoint",
+                &g,
+                "--log-prob",
+                "--precision",
+                "bf16",
+                "--out",
+                &s(&samples),
+            ],
+            "likelihoods run in f32",
+            &[&samples],
+        ),
+        case(
+            "E81",
+            &[
+                "train",
+                "--data",
+                "fashion-mnist",
+                "--data-dir",
+                &s(&fashion),
+                "--unet",
+                "tiny",
+                "--precision",
+                "bf16",
+                "--steps",
+                "1",
+                "--out",
+                &s(&out),
+            ],
+            "runs the MLP engine's matrix products only",
+            &[&out],
+        ),
+        c(
+            "E82",
+            with(train("moons"), &["--precision", "fp8"]),
+            "use f32 or bf16",
+            &[&out],
+        ),
     ]
 }
 

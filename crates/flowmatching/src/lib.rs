@@ -64,6 +64,7 @@
 
 pub mod device;
 pub mod error;
+pub mod precision;
 pub mod rng;
 pub mod tensor;
 

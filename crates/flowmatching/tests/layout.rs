@@ -10,6 +10,7 @@ const LAYERS: &[&str] = &[
     "error",
     "rng",
     "device",
+    "precision",
     "tensor",
     "field",
     "cpu",

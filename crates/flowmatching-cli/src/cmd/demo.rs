@@ -54,6 +54,8 @@ struct Metrics {
     nfe: usize,
     sample_seconds: f64,
     num_samples: usize,
+    /// The matrix products' arithmetic in training and sampling.
+    precision: flowmatching::precision::Precision,
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -61,7 +63,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         anyhow::bail!("--num-samples must be at least 2");
     }
     let data = Toy2d::Checkerboard;
-    let config = demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr);
+    let mut config = demo_config(a.steps, a.seed, a.hidden, a.batch_size, a.lr);
+    config.train.precision = a.precision;
     config.validate()?;
     let need = memory::training_bytes(&config, true).saturating_add(
         3 * memory::sampling_bytes(&config.model, a.num_samples, a.num_samples, 2, 0, true),
@@ -78,12 +81,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     io::ensure_dir(&a.out)?;
     let _lock = lock_folder(&a.out)?;
     let mut trainer = Trainer::new(config, &Device::Cpu)?;
+    crate::training::note_precision(a.precision, trainer.precision());
     eprintln!(
-        "demo: training a flow-matching MLP on checkerboard for {} steps",
-        a.steps
+        "demo: training a flow-matching MLP on checkerboard for {} steps ({})",
+        a.steps,
+        trainer.precision().name()
     );
     let outcome = run_loop(&mut trainer, &mut |t| t.step(&data), &a.out, 0, None)?;
-    let model = trainer.ema_model()?;
+    let mut model = trainer.ema_model()?;
+    let precision = model.set_precision(a.precision);
     let start = Instant::now();
     let opts = SolveOptions::constant(SOLVER_STEPS);
     let x0 = initial_points(trainer.config(), a.num_samples, a.seed + 1)?;
@@ -106,6 +112,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         nfe: sol.stats.nfe,
         sample_seconds,
         num_samples: a.num_samples,
+        precision,
     };
     outs.write(
         &a.out.join("samples.npy"),

@@ -154,7 +154,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         if let Some(g) = &a.grid {
             outs.declare(g, "--grid")?;
         }
-        let model = ckpt.model(&device, !a.raw_weights)?;
+        let mut model = ckpt.model(&device, !a.raw_weights)?;
+        crate::training::note_precision(a.precision, model.set_precision(a.precision));
         return run_images(a, &ckpt, &model, kind, control, &device, outs);
     }
     if a.grid.is_some() {
@@ -176,7 +177,11 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         }
         outs.declare(&beside(&a.out, "logp.npy"), "--log-prob")?;
     }
-    let model = ckpt.model(&device, !a.raw_weights)?;
+    if a.log_prob && a.precision != flowmatching::precision::Precision::F32 {
+        bail!("--log-prob integrates the divergence, and likelihoods run in f32: drop --precision bf16");
+    }
+    let mut model = ckpt.model(&device, !a.raw_weights)?;
+    crate::training::note_precision(a.precision, model.set_precision(a.precision));
     let config = &ckpt.meta.config;
     let dim = config.model.dim();
     let frames = if a.trajectory { TRAJECTORY_POINTS } else { 0 };

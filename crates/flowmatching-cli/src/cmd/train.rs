@@ -79,8 +79,9 @@ pub fn config_from_args(a: &TrainArgs, data: &dyn DataSource) -> Result<RunConfi
 /// The parts of the run configuration each configuration flag of `train` sets (JSON pointers into
 /// checkpoint.json's config). Flags not listed here may change on `--resume`: --steps (the new total),
 /// --checkpoint-every, --max-minutes, --device, --tf32 and the data-loading options.
-const CONFIG_FLAGS: [(&str, &[&str]); 23] = [
+const CONFIG_FLAGS: [(&str, &[&str]); 24] = [
     ("time_sampling", &["/train/time_sampling"]),
+    ("precision", &["/train/precision"]),
     ("source", &["/source"]),
     ("batch_size", &["/train/batch_size"]),
     ("lr", &["/train/optimizer/lr"]),
@@ -212,6 +213,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         )?;
         Trainer::new(config, &device)?
     };
+    crate::training::note_precision(trainer.config().train.precision, trainer.precision());
     let source = trainer
         .config()
         .source

@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 use gemm::Parallelism;
 
+use crate::precision::Precision;
+
 /// A read-only matrix view over a row-major buffer: the matrix itself or its transpose.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a, T> {
@@ -39,6 +41,25 @@ impl<'a, T> View<'a, T> {
             cs: cols as isize,
             rs: 1,
         }
+    }
+
+    /// Element (i, j).
+    #[inline(always)]
+    pub(crate) fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        self.data[i * self.rs as usize + j * self.cs as usize]
+    }
+
+    /// The buffer and the strides of a row step and a column step.
+    pub(crate) fn parts(&self) -> (&'a [T], usize, usize) {
+        (self.data, self.rs as usize, self.cs as usize)
+    }
+
+    /// Whether an (m x n) view stays inside the buffer.
+    pub(crate) fn fits(&self, m: usize, n: usize) -> bool {
+        self.data.len() >= self.extent(m, n)
     }
 
     /// Highest index touched by an (m x n) view.
@@ -87,6 +108,25 @@ pub(crate) fn matmul<T: WithDType>(
             false,
             par,
         );
+    }
+}
+
+/// [`matmul`] of f32 views in `precision`: bf16 inputs with f32 accumulation where the CPU has the
+/// units for it (`precision` resolved by [`Precision::on_this_cpu`]), else f32.
+pub(crate) fn matmul_in(
+    precision: Precision,
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    lhs: View<f32>,
+    rhs: View<f32>,
+    par: Parallelism,
+) {
+    match precision {
+        Precision::Bf16 if super::bf16::available() => {
+            super::bf16::matmul(dst, dims, accumulate, lhs, rhs, par)
+        }
+        _ => matmul(dst, dims, accumulate, lhs, rhs, par),
     }
 }
 

@@ -2,6 +2,7 @@
 //! and nearest 2x upsampling as candle ops with their own backward. Private to the crate: layers pick
 //! them when a tensor lives on the CPU ([`supports`]); users reach them only through `nn`.
 
+pub(crate) mod bf16;
 pub(crate) mod conv;
 pub(crate) mod linalg;
 pub(crate) mod norm;

@@ -22,3 +22,35 @@ pub use mlp::{Activation, Linear, Mlp, MlpConfig, TimeEmbedding};
 pub use model::{Labeled, Model, ModelConfig};
 pub use transformer::{SequenceCondition, Transformer, TransformerConfig};
 pub use unet::{UNet, UNetConfig};
+
+/// c = a b for row-major a (m x k), b (k x n), c (m x n), through the engine's matrix kernel in
+/// `precision` (resolved for this CPU) on the rayon pool: what the engine's layers run, exposed for
+/// benchmarks.
+pub fn matmul(
+    precision: crate::precision::Precision,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> crate::Result<()> {
+    if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+        return Err(crate::Error::Data(format!(
+            "matmul of ({m} x {k}) by ({k} x {n}) into ({m} x {n}) got {}, {} and {} values",
+            a.len(),
+            b.len(),
+            c.len()
+        )));
+    }
+    use crate::cpu::linalg::{matmul_in, View};
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    matmul_in(
+        precision.on_this_cpu(),
+        c,
+        (m, n, k),
+        false,
+        View::rows(a, k),
+        View::rows(b, n),
+        par,
+    );
+    Ok(())
+}

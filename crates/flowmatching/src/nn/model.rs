@@ -218,6 +218,18 @@ impl Model {
         })
     }
 
+    /// Runs inference in `precision` where the model and CPU support it and returns the precision in
+    /// force: bf16 for the fused MLP engine on a CPU with AVX-512 BF16, f32 for everything else.
+    pub fn set_precision(
+        &mut self,
+        precision: crate::precision::Precision,
+    ) -> crate::precision::Precision {
+        match self {
+            Model::FastMlp(m) => m.set_precision(precision),
+            _ => crate::precision::Precision::F32,
+        }
+    }
+
     /// Classes the model is conditioned on (0: unconditional; the null class is `num_classes`).
     pub fn num_classes(&self) -> usize {
         match self {
