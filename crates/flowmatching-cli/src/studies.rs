@@ -8,9 +8,51 @@ use anyhow::{bail, Result};
 use flowmatching::data::DataSource;
 use flowmatching::eval::frechet::GaussianStats;
 use flowmatching::experiments::ablation::{Evaluator, Quality};
+use flowmatching::nn::ModelConfig;
 use flowmatching::rng::Rng;
+use flowmatching::train::{RunConfig, TrainConfig};
 
 use crate::io;
+
+/// Opens a study's data and device: 2-D points (on the CPU, where the MLP engine runs) or images.
+/// `command` names the study in the refusals.
+pub fn open(
+    command: &str,
+    spec: &str,
+    options: &io::DataOptions,
+    device: &crate::cli::DeviceArgs,
+) -> Result<(Box<dyn DataSource>, candle_core::Device)> {
+    let data = io::open_data_with(spec, options)?;
+    let image = data.image_shape();
+    if image.is_none() && data.dim() != 2 {
+        bail!(
+            "{command} works on 2-D points or images; {spec} is {}-dimensional",
+            data.dim()
+        );
+    }
+    let device = device.device()?;
+    if image.is_none() && !device.is_cpu() {
+        bail!("{command} on 2-D data runs on the CPU (its MLP engine is CPU-only); drop --device");
+    }
+    Ok((data, device))
+}
+
+/// A run configuration of `model` at `batch` for the memory estimates.
+pub fn probe(model: &ModelConfig, batch: usize, data: &str) -> RunConfig {
+    let train = TrainConfig {
+        batch_size: batch,
+        ..Default::default()
+    };
+    RunConfig::new(model.clone(), Default::default(), train, data)
+}
+
+/// The plotting window of sample pictures: the 2-D reference's, or pixels in [-1, 1].
+pub fn window(quality: &Quality) -> (f32, f32) {
+    match quality {
+        Quality::Energy { reference, .. } => crate::plot::window(reference),
+        Quality::Fd { .. } => (-1.0, 1.0),
+    }
+}
 
 /// The images FD and the likelihood are measured against: Fashion-MNIST's test half, else the data.
 pub fn reference_set(data: &str) -> String {

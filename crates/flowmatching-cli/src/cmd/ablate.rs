@@ -16,7 +16,7 @@ use crate::ablation_out::{claim_out, Reporter, RunKey};
 use crate::cli::{AblateArgs, Preset};
 
 use crate::report::ablation::{figures, file_name, paths, write_report};
-use crate::{io, memory, plot, studies};
+use crate::{io, memory, studies};
 
 /// The preset's sizes with the command line's overrides.
 fn sizes(a: &AblateArgs, image: bool) -> Result<Sizes> {
@@ -106,31 +106,12 @@ pub fn run(a: &AblateArgs) -> Result<()> {
         return report_only(&a.out);
     }
     let data_opts = a.images.options();
-    let data = io::open_data_with(&a.data, &data_opts)?;
+    let (data, device) = studies::open("ablate", &a.data, &data_opts, &a.device)?;
     let image = data.image_shape();
     let s = sizes(a, image.is_some())?;
-    if image.is_none() && data.dim() != 2 {
-        bail!(
-            "ablate works on 2-D points or images; {} is {}-dimensional",
-            a.data,
-            data.dim()
-        );
-    }
-    let device = a.device.device()?;
-    if image.is_none() && !device.is_cpu() {
-        bail!("the 2-D ablation runs on the CPU (its MLP engine is CPU-only); drop --device");
-    }
     let model_config = ablation::network(s.hidden, image);
     model_config.validate()?;
-    let probe = flowmatching::train::RunConfig::new(
-        model_config.clone(),
-        Default::default(),
-        flowmatching::train::TrainConfig {
-            batch_size: s.batch,
-            ..Default::default()
-        },
-        a.data.clone(),
-    );
+    let probe = studies::probe(&model_config, s.batch, &a.data);
     let n = s
         .samples
         .max(s.nfe_samples)
@@ -168,10 +149,7 @@ pub fn run(a: &AblateArgs) -> Result<()> {
             io::dequantized_images(&set, &data_opts, Some(s.nll_points), a.seed)?.0
         }
     };
-    let window = match &quality {
-        Quality::Energy { reference, .. } => plot::window(reference),
-        Quality::Fd { .. } => (-1.0, 1.0),
-    };
+    let window = studies::window(&quality);
     let experiment = Ablation {
         data: data.as_ref(),
         data_name: a.data.clone(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use flowmatching::experiments::ablation::{self, energy_distance_name, Evaluator, Quality};
+use flowmatching::experiments::ablation::{self, energy_distance_name, Evaluator};
 use flowmatching::experiments::schedules::{
     self, GuidanceSetup, Observer, Results, Schedules, Sizes, Variant,
 };
@@ -17,7 +17,7 @@ use crate::ablation_out::claim_folder;
 use crate::cli::SchedulesArgs;
 use crate::report::ablation::picture;
 use crate::report::schedules::{figures, write_report};
-use crate::{io, memory, plot, progress, studies};
+use crate::{io, memory, progress, studies};
 
 /// Progress bars; per finished variant a checkpoint, `results/NAME.json` and a sample picture.
 struct Reporter<'a> {
@@ -152,19 +152,8 @@ pub fn run(a: &SchedulesArgs) -> Result<()> {
         return write_report(&a.out, &r);
     }
     let data_opts = a.images.options();
-    let data = io::open_data_with(&a.data, &data_opts)?;
+    let (data, device) = studies::open("schedules", &a.data, &data_opts, &a.device)?;
     let image = data.image_shape();
-    if image.is_none() && data.dim() != 2 {
-        bail!(
-            "schedules works on 2-D points or images; {} is {}-dimensional",
-            a.data,
-            data.dim()
-        );
-    }
-    let device = a.device.device()?;
-    if image.is_none() && !device.is_cpu() {
-        bail!("the 2-D study runs on the CPU (its MLP engine is CPU-only); drop --device");
-    }
     let s = sizes(a, image.is_some())?;
     let guidance =
         (image.is_some() && data.num_classes() > 0 && !a.no_guidance).then(|| GuidanceSetup {
@@ -173,15 +162,7 @@ pub fn run(a: &SchedulesArgs) -> Result<()> {
         });
     let model = ablation::network(s.hidden, image);
     model.validate()?;
-    let probe = flowmatching::train::RunConfig::new(
-        model.clone(),
-        Default::default(),
-        flowmatching::train::TrainConfig {
-            batch_size: s.batch,
-            ..Default::default()
-        },
-        a.data.clone(),
-    );
+    let probe = studies::probe(&model, s.batch, &a.data);
     let eval_batch = if s.eval_batch == 0 {
         s.samples
     } else {
@@ -201,10 +182,7 @@ pub fn run(a: &SchedulesArgs) -> Result<()> {
         a.seed,
         &device,
     )?;
-    let window = match &quality {
-        Quality::Energy { reference, .. } => plot::window(reference),
-        Quality::Fd { .. } => (-1.0, 1.0),
-    };
+    let window = studies::window(&quality);
     let study = Schedules {
         data: data.as_ref(),
         data_name: a.data.clone(),

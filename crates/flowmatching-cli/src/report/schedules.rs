@@ -200,12 +200,13 @@ pub fn report(r: &Results) -> String {
     md += &best_pairs(r);
     if r.metric != "FD" {
         md += "\nEnergy distances are U-statistics: values at or below 0 mean \"indistinguishable from \
-               the data at this sample size\".\n";
+               the data at this sample size\" (the plots draw them at 1e-5).\n";
     }
     md += &guidance_verdict(r, margin);
     md += &format!(
         "\nFigures: [training-time distributions](trainings.png), [grids](grids.png){}; samples \
-         (midpoint NFE 8 on the uniform, shift and EDM grids): {}.\n",
+         (midpoint NFE 8 on the uniform, shift and EDM grids; for the conditional model one image \
+         per class, conditional, guided and interval rows): {}.\n",
         if r.guidance.is_some() {
             ", [guidance](guidance.png)"
         } else {

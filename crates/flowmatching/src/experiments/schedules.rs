@@ -192,7 +192,8 @@ pub trait Observer {
     /// Training is over; the measurements start.
     fn measuring(&mut self, _name: &str) {}
     /// A variant is trained and measured; `sets` holds labelled sample sets for pictures (midpoint at
-    /// NFE 8 on each grid, or each guidance mode at the smallest budget).
+    /// NFE 8 on each grid, or each guidance mode at the smallest budget, one sample of each class
+    /// first).
     fn finished(
         &mut self,
         _trainer: &Trainer,
@@ -398,6 +399,16 @@ impl Schedules<'_> {
                     accuracy,
                 });
                 if budget == GUIDED_NFES[0] {
+                    // One sample of each class (the first of its block), then the rest.
+                    let dim = cfg.model.dim();
+                    let firsts: Vec<usize> = (0..k).map(|c| c * n / k).collect();
+                    let order = firsts
+                        .iter()
+                        .copied()
+                        .chain((0..n).filter(|i| !firsts.contains(i)));
+                    let x: Vec<f32> = order
+                        .flat_map(|i| x[i * dim..(i + 1) * dim].to_vec())
+                        .collect();
                     sets.push((format!("{mode}, NFE {nfe}"), x));
                 }
             }
