@@ -1,13 +1,18 @@
 """B5's PyTorch peer: the same U-Net as flowmatching's (crates/flowmatching/src/nn/unet.rs), in plain torch eager.
 
 Usage: python peer_unet.py b5-step|b5-sample [--batch 128] [--unet small|tiny] [--iters N] [--warmup N]
-       [--device cuda|cpu]
+       [--device cuda|cpu] [--precision f32|bf16]
 Prints one JSON line like `flowmatching-bench b5-step`. Needs only torch.
+
+`--precision bf16` runs the model's forward (and so its backward) under
+`torch.autocast(device, dtype=torch.bfloat16)`, PyTorch's mixed precision: weights and optimizer state
+stay float32, the loss is computed in float32 from the model's output.
 
 The workloads match ours: b5-step is one CFM training step (CondOT path, sigma_min 0, Adam lr 1e-3, label
 dropout 0.1, the loss read back to the host); b5-sample is midpoint with 20 steps (40 NFE) from noise.
 """
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -141,8 +146,15 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     a = ap.parse_args()
     dev = a.device
+
+    def autocast():
+        if a.precision == "f32":
+            return contextlib.nullcontext()
+        return torch.autocast(dev, dtype=torch.bfloat16)
+
     torch.manual_seed(0)
     model = UNet(a.unet).to(dev)
     b = a.batch
@@ -160,7 +172,9 @@ def main():
             t = torch.rand(b, device=dev)
             tt = t[:, None, None, None]
             xt = (1 - tt) * x0 + tt * x1
-            loss = F.mse_loss(model(xt, t, y), x1 - x0)
+            with autocast():
+                v = model(xt, t, y)
+            loss = F.mse_loss(v.float(), x1 - x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,8 +189,9 @@ def main():
             x, h = x0, 1.0 / 20
             for i in range(20):
                 t = torch.full((b,), i * h, device=dev)
-                k1 = model(x, t, labels)
-                x = x + h * model(x + 0.5 * h * k1, t + 0.5 * h, labels)
+                with autocast():
+                    k1 = model(x, t, labels).float()
+                    x = x + h * model(x + 0.5 * h * k1, t + 0.5 * h, labels).float()
             return x
 
     def sync():
@@ -192,7 +207,7 @@ def main():
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    suffix = "-tiny" if a.unet == "tiny" else ""
+    suffix = ("-tiny" if a.unet == "tiny" else "") + ("-bf16" if a.precision == "bf16" else "")
     print(json.dumps({"workload": f"{a.workload}-b{b}{suffix}", "impl": "pytorch", "device": dev,
                       "median_ms": statistics.median(times), "times_ms": times,
                       "nfe": 40 if a.workload == "b5-sample" else None, "threads": torch.get_num_threads(),

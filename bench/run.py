@@ -35,8 +35,12 @@ WORKLOADS = {
     "gemm": (10, 3),
     "b5-step-cpu": (10, 2),
     "b5-sample-cpu": (2, 1),
+    "b5-step-cpu-b32": (5, 1),
     "b1-bf16": (5, 2),
     "b3-midpoint-bf16": (1, 1),
+    "b5-step-cpu-bf16": (10, 2),
+    "b5-step-cpu-b32-bf16": (5, 1),
+    "b5-sample-cpu-bf16": (2, 1),
 }
 # Mixed precision: our bf16 products (AVX-512 BF16) against torch.autocast("cpu", dtype=torch.bfloat16),
 # the same workload otherwise: workload -> (workload, arguments for both sides).
@@ -48,8 +52,11 @@ BF16 = {
 # U-Net in torch eager (peer_unet.py): workload -> (our bench workload, arguments for both sides).
 UNET_CPU = {
     "b5-step-cpu": ("b5-step", ["--unet", "tiny", "--batch", "8"]),
+    "b5-step-cpu-b32": ("b5-step", ["--unet", "tiny", "--batch", "32"]),
     "b5-sample-cpu": ("b5-sample", ["--unet", "tiny", "--batch", "32"]),
 }
+# The U-Net's convolutions in bf16 (ours) against the same U-Net under torch.autocast.
+UNET_CPU.update({f"{w}-bf16": (kind, args + ["--precision", "bf16"]) for w, (kind, args) in UNET_CPU.items()})
 # Equal-error runs (bench/accuracy.py): our Dopri5 at 1e-4 reaches a smaller error than the peer's at the
 # workloads' 1e-5 (B3: RMS 4.7e-5 vs 7.8e-5 at 32 NFE each; B4: 1.65e-4 vs 1.76e-4 at 32 vs 50 NFE).
 # workload -> (our workload, our extra arguments); the peer runs its workload unchanged.

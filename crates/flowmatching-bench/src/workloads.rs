@@ -90,10 +90,11 @@ fn unet_preset(preset: UNetPreset) -> UNetConfig {
     }
 }
 
-fn unet_config(batch: usize, preset: UNetPreset) -> RunConfig {
+fn unet_config(batch: usize, preset: UNetPreset, precision: Precision) -> RunConfig {
     let mut c = train_config(64, 1, batch, Activation::Silu);
     c.model = ModelConfig::UNet(unet_preset(preset));
     c.train.label_dropout = 0.1;
+    c.train.precision = precision;
     c
 }
 
@@ -265,7 +266,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Workload::UnetParts => return unet_parts(a, &dev),
         Workload::Ot => return crate::ot::run(a),
         Workload::B5Step => {
-            let mut trainer = Trainer::new(unet_config(a.batch, a.unet), &dev)?;
+            let mut trainer = Trainer::new(unet_config(a.batch, a.unet, a.precision), &dev)?;
+            in_force = trainer.precision();
             let data = fake_images(1024)?;
             (
                 format!("b5-step-b{}-{conv}", a.batch),
@@ -275,9 +277,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             )
         }
         Workload::B5Sample => {
-            let cfg = unet_config(a.batch, a.unet);
+            let cfg = unet_config(a.batch, a.unet, a.precision);
             let (model, _) = cfg.model.build(&mut Rng::new(0), &dev, DType::F32)?;
-            let model = model.frozen()?;
+            let mut model = model.frozen()?;
+            in_force = model.set_precision(a.precision);
             let x0 = Tensor::from_vec(Rng::new(1).normal_vec(a.batch * 784), (a.batch, 784), &dev)?;
             let solver = SolverKind::Midpoint.solver();
             let opts = SolveOptions::constant(20);

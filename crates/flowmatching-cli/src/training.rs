@@ -207,7 +207,7 @@ pub fn continue_to(mut trainer: Trainer, steps: u64) -> Result<Trainer> {
 }
 
 /// Says when the precision asked for does not run here: bf16 on a CPU without AVX-512 BF16, or for a
-/// model other than the MLP engine.
+/// model other than the MLP engine and the CPU U-Net.
 pub fn note_precision(
     asked: flowmatching::precision::Precision,
     in_force: flowmatching::precision::Precision,
@@ -218,7 +218,8 @@ pub fn note_precision(
     let units = flowmatching::precision::cpu_units();
     let why = match units.bf16_matmul() {
         false => format!("this CPU ({}) has no AVX-512 BF16", units.describe()),
-        true => "bf16 runs the MLP engine's matrix products only".to_string(),
+        true => "bf16 runs the matrix products of the MLP engine and of the U-Net's CPU convolutions only"
+            .to_string(),
     };
     eprintln!(
         "precision: {} asked, but {why}: matrix products run {}",

@@ -23,14 +23,22 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 
-use super::linalg::{matmul, slice, with_slice, zeroed_by_chunks, View};
+use super::linalg::{matmul, matmul_in, slice, with_slice, zeroed_by_chunks, View};
 use super::supports;
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 
 /// y = conv(x, w) + b with padding k/2 and stride `stride` (1, or 2 on even sizes) for an odd square
 /// kernel w (C_out x C x k x k), on f32 or f64 tensors on the CPU; b is (C_out), or (N, C_out) for a
-/// bias per image.
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+/// bias per image. The matrix products of f32 tensors, forward and backward, run in `precision`
+/// (resolved for this CPU, see [`Precision::on_this_cpu`]); f64 runs in f64.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    precision: Precision,
+) -> Result<Tensor> {
     if !supports(x) {
         return Err(Error::Config(format!(
             "the CPU convolution takes f32 or f64 tensors on the CPU, got {:?} on {:?}",
@@ -54,8 +62,12 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Resul
         let bias = b.reshape((if b.rank() == 2 { n } else { 1 }, co, 1, 1))?;
         return Ok(bias.broadcast_as((n, co, ho, wo))?.contiguous()?);
     }
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride })?)
+    let precision = precision.on_this_cpu();
+    Ok(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        Conv { stride, precision },
+    )?)
 }
 
 /// Sizes of one convolution.
@@ -70,11 +82,13 @@ struct Geometry {
     stride: usize,
     ho: usize,
     wo: usize,
+    /// The arithmetic of the f32 products.
+    precision: Precision,
 }
 
 impl Geometry {
     /// From shapes that passed [`check_conv`].
-    fn new(x: &Shape, w: &Shape, stride: usize) -> candle_core::Result<Self> {
+    fn new(x: &Shape, w: &Shape, stride: usize, precision: Precision) -> candle_core::Result<Self> {
         let (n, c, h, wd) = x.dims4()?;
         let (co, _, k, _) = w.dims4()?;
         Ok(Self {
@@ -87,6 +101,7 @@ impl Geometry {
             stride,
             ho: h / stride,
             wo: wd / stride,
+            precision,
         })
     }
 
@@ -299,7 +314,7 @@ impl Geometry {
     /// (C_out x C, from `tap_weight`) times the padded stack shifted by that offset, each one plain
     /// strided matrix product for all the stack's images; the padding positions are left for
     /// [`Geometry::unpad_stack`] to drop.
-    fn shifted_products<'w, T: WithDType>(
+    fn shifted_products<'w, T: ConvFloat>(
         &self,
         pad: &[T],
         images: usize,
@@ -312,7 +327,15 @@ impl Geometry {
         for dy in 0..k {
             for dx in 0..k {
                 let xv = View::strided(pad, dy * wp + dx, stack, 1);
-                matmul(ypad, dims, true, tap_weight(dy * k + dx), xv, par);
+                T::product(
+                    self.precision,
+                    ypad,
+                    dims,
+                    true,
+                    tap_weight(dy * k + dx),
+                    xv,
+                    par,
+                );
             }
         }
     }
@@ -326,7 +349,7 @@ impl Geometry {
 
     /// The stride-1 forward of a group of images: pad, bias, [`Geometry::shifted_products`], unpad.
     /// `bias` is per channel (C_out) or per image of the group.
-    fn forward_stack<T: ColScratch>(
+    fn forward_stack<T: ConvFloat>(
         &self,
         xg: &[T],
         w: &[T],
@@ -368,7 +391,7 @@ impl Geometry {
     ///
     /// Writes dx and returns dW tap-major: (k^2 x C_out x C), or (k^2 x C x C_out) when
     /// [`Geometry::dw_transposed`].
-    fn backward_stack<T: ColScratch>(
+    fn backward_stack<T: ConvFloat>(
         &self,
         xg: &[T],
         w: &[T],
@@ -411,18 +434,34 @@ impl Geometry {
                 if transposed {
                     let xv = View::strided(xpad, x_at, stack, 1);
                     let gv = View::strided(gpad, g_at, 1, stack);
-                    matmul(dwt, (self.c, self.co, q), false, xv, gv, par);
+                    T::product(
+                        self.precision,
+                        dwt,
+                        (self.c, self.co, q),
+                        false,
+                        xv,
+                        gv,
+                        par,
+                    );
                 } else {
                     let gv = View::strided(gpad, g_at, stack, 1);
                     let xv = View::strided(xpad, x_at, 1, stack);
-                    matmul(dwt, (self.co, self.c, q), false, gv, xv, par);
+                    T::product(
+                        self.precision,
+                        dwt,
+                        (self.co, self.c, q),
+                        false,
+                        gv,
+                        xv,
+                        par,
+                    );
                 }
             }
         });
         dw
     }
 
-    fn forward<T: ColScratch>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    fn forward<T: ConvFloat>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (rows, cols) = self.col_dims();
         let img = self.c * self.h * self.w;
         let per = self.co * cols;
@@ -448,7 +487,7 @@ impl Geometry {
                         row.fill(bias);
                     }
                     let (wv, cv) = (View::rows(w, rows), View::rows(col, cols));
-                    matmul(yn, (self.co, cols, rows), true, wv, cv, par);
+                    T::product(self.precision, yn, (self.co, cols, rows), true, wv, cv, par);
                 });
             }
         };
@@ -456,7 +495,7 @@ impl Geometry {
     }
 
     /// [`Geometry::backward`] from and to tensors.
-    fn backward_tensors<T: ColScratch>(
+    fn backward_tensors<T: ConvFloat>(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -478,7 +517,7 @@ impl Geometry {
     }
 
     /// (dx, dw, db) from the output gradient g (N x C_out x H' x W'); db per image if `per_image`.
-    fn backward<T: ColScratch>(
+    fn backward<T: ConvFloat>(
         &self,
         x: &[T],
         w: &[T],
@@ -560,7 +599,7 @@ impl Geometry {
 
     /// The backward of one image through its column matrix (any stride): dW_n = g_n col_n^T, and
     /// dx_n = col2im(W^T g_n).
-    fn backward_columns<T: ColScratch>(
+    fn backward_columns<T: ConvFloat>(
         &self,
         xn: &[T],
         w: &[T],
@@ -573,7 +612,8 @@ impl Geometry {
         T::with_col(rows * cols, |col| {
             self.im2col(xn, col);
             let cv = View::transposed(col, cols);
-            matmul(
+            T::product(
+                self.precision,
                 &mut dw,
                 (self.co, rows, cols),
                 false,
@@ -582,7 +622,8 @@ impl Geometry {
                 par,
             );
             let wt = View::transposed(w, rows);
-            matmul(
+            T::product(
+                self.precision,
                 col,
                 (rows, cols, self.co),
                 false,
@@ -596,20 +637,32 @@ impl Geometry {
     }
 }
 
-/// Element types with a per-thread column buffer kept across calls, so that building an image's column
-/// matrix does not allocate (and page in) a fresh one each time.
-trait ColScratch: WithDType {
+/// The convolution's element types (f32, f64): a per-thread column buffer kept across calls, so that
+/// building an image's column matrix does not allocate (and page in) a fresh one each time, and the
+/// matrix product in a precision.
+trait ConvFloat: WithDType {
     /// Runs `f` on a buffer of `len` values (contents unspecified).
     fn with_col<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
+    /// [`matmul`], in `precision` for f32 (f64 always in f64).
+    fn product(
+        precision: Precision,
+        dst: &mut [Self],
+        dims: (usize, usize, usize),
+        accumulate: bool,
+        lhs: View<Self>,
+        rhs: View<Self>,
+        par: Parallelism,
+    );
 }
 
-macro_rules! col_scratch {
-    ($t:ty, $name:ident) => {
+macro_rules! conv_float {
+    ($t:ty, $name:ident, $product:expr) => {
         thread_local! {
             static $name: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
         }
 
-        impl ColScratch for $t {
+        impl ConvFloat for $t {
             fn with_col<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
                 // Taken out (not borrowed), so a nested call on this thread gets a buffer of its own.
                 let mut buf = $name.with(|b| std::mem::take(&mut *b.borrow_mut()));
@@ -620,16 +673,32 @@ macro_rules! col_scratch {
                 $name.with(|b| *b.borrow_mut() = buf);
                 r
             }
+
+            fn product(
+                precision: Precision,
+                dst: &mut [Self],
+                dims: (usize, usize, usize),
+                accumulate: bool,
+                lhs: View<Self>,
+                rhs: View<Self>,
+                par: Parallelism,
+            ) {
+                $product(precision, dst, dims, accumulate, lhs, rhs, par)
+            }
         }
     };
 }
 
-col_scratch!(f32, COL_F32);
-col_scratch!(f64, COL_F64);
+conv_float!(f32, COL_F32, matmul_in);
+conv_float!(f64, COL_F64, |_, dst, dims, acc, lhs, rhs, par| matmul(
+    dst, dims, acc, lhs, rhs, par
+));
 
 /// The convolution as a candle op (see the module documentation).
 struct Conv {
     stride: usize,
+    /// The f32 products' arithmetic, resolved for this CPU.
+    precision: Precision,
 }
 
 impl CustomOp3 for Conv {
@@ -646,7 +715,7 @@ impl CustomOp3 for Conv {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let geo = Geometry::new(xl.shape(), wl.shape(), self.stride)?;
+        let geo = Geometry::new(xl.shape(), wl.shape(), self.stride, self.precision)?;
         let shape = Shape::from((geo.n, geo.co, geo.ho, geo.wo));
         let out = match xs {
             CpuStorage::F32(_) => {
@@ -668,7 +737,7 @@ impl CustomOp3 for Conv {
         _: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let geo = Geometry::new(x.shape(), w.shape(), self.stride)?;
+        let geo = Geometry::new(x.shape(), w.shape(), self.stride, self.precision)?;
         let (dx, dw, db) = match x.dtype() {
             candle_core::DType::F32 => geo.backward_tensors::<f32>(x, w, b, g)?,
             candle_core::DType::F64 => geo.backward_tensors::<f64>(x, w, b, g)?,
@@ -702,6 +771,54 @@ pub(crate) fn check_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    /// bf16 products (forward and all three gradients) agree with f32 to bf16's rounding, and differ
+    /// from it (bf16 ran), at the tiny U-Net's shapes: stride 1 stacks, stride 2 columns, C > C_out.
+    #[test]
+    fn bf16_products_match_f32_to_rounding() {
+        if !crate::precision::cpu_units().bf16_matmul() {
+            eprintln!("no AVX-512 BF16 on this CPU: bf16 falls back to f32, nothing to compare");
+            return;
+        }
+        let dev = Device::Cpu;
+        let rms = |t: &Tensor| {
+            let n = t.elem_count() as f64;
+            (t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+                / n)
+                .sqrt()
+        };
+        for (n, c, co, h, stride) in [(8, 32, 32, 28, 1), (3, 64, 32, 7, 1), (4, 32, 64, 14, 2)] {
+            let x = Var::randn(0f32, 1.0, (n, c, h, h), &dev).unwrap();
+            let w = Var::randn(0f32, 0.1, (co, c, 3, 3), &dev).unwrap();
+            let b = Var::randn(0f32, 1.0, (n, co), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (n, co, h / stride, h / stride), &dev).unwrap();
+            let run = |p| {
+                let y = conv2d(&x, &w, &b, stride, p).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                [y, grad(&x), grad(&w), grad(&b)]
+            };
+            let (f32s, bf16s) = (run(Precision::F32), run(Precision::Bf16));
+            for (what, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(f32s.iter().zip(&bf16s)) {
+                let rel = rms(&(a - b).unwrap()) / rms(a);
+                // bf16 keeps 8 significant bits: inputs rounded by up to 2^-9 relative each
+                assert!(
+                    rel < 8e-3,
+                    "{what} at {:?}: relative RMS error {rel}",
+                    (n, c, co, h, stride)
+                );
+                if *what != "db" {
+                    // db is a sum of g, no product: the same in both
+                    assert!(rel > 1e-5, "{what}: bf16 gave f32's values, did it run?");
+                }
+            }
+        }
+    }
 
     /// A random bias per image and channel (N x C_out), or per channel (C_out).
     fn random_bias(per_image: bool, n: usize, co: usize) -> Var {
@@ -745,7 +862,7 @@ mod tests {
             let w = Var::randn(0f64, 1.0, (co, c, k, k), &dev).unwrap();
             let b = random_bias(per_image, n, co);
             let r = Tensor::randn(0f64, 1.0, (n, co, h / stride, wd / stride), &dev).unwrap();
-            let ours = conv2d(&x, &w, &b, stride).unwrap();
+            let ours = conv2d(&x, &w, &b, stride, Precision::F32).unwrap();
             let bias = match b.rank() {
                 1 => b.reshape((1, co, 1, 1)).unwrap(),
                 _ => b.reshape((n, co, 1, 1)).unwrap(),
@@ -794,6 +911,7 @@ mod tests {
                 stride: 1,
                 ho: h,
                 wo: w,
+                precision: Precision::F32,
             };
             let normal = |rng: &mut crate::rng::Rng, len| {
                 (0..len).map(|_| rng.normal()).collect::<Vec<f64>>()
@@ -860,7 +978,7 @@ mod tests {
             let x = Var::zeros((n, c, h, w), DType::F64, &dev).unwrap();
             let wt = Var::randn(0f64, 1.0, (co, c, 3, 3), &dev).unwrap();
             let b = random_bias(per_image, n, co);
-            let y = conv2d(&x, &wt, &b, 1).unwrap();
+            let y = conv2d(&x, &wt, &b, 1, Precision::F32).unwrap();
             assert_eq!(y.dims(), [n, co, h, w]);
             let rows = if per_image { n } else { 1 };
             let want = b
@@ -882,15 +1000,22 @@ mod tests {
         let w = Tensor::zeros((5, 3, 3, 3), DType::F64, &dev).unwrap();
         let b = Tensor::zeros(5, DType::F64, &dev).unwrap();
         let odd = Tensor::zeros((1, 3, 5, 5), DType::F64, &dev).unwrap();
-        assert!(conv2d(&odd, &w, &b, 2).is_err());
+        assert!(conv2d(&odd, &w, &b, 2, Precision::F32).is_err());
         let wrong_c = Tensor::zeros((1, 4, 6, 6), DType::F64, &dev).unwrap();
-        assert!(conv2d(&wrong_c, &w, &b, 1).is_err());
+        assert!(conv2d(&wrong_c, &w, &b, 1, Precision::F32).is_err());
         let x = Tensor::zeros((2, 3, 6, 6), DType::F64, &dev).unwrap();
         for bad in [(4, 5), (2, 4)] {
             let b = Tensor::zeros(bad, DType::F64, &dev).unwrap();
-            assert!(conv2d(&x, &w, &b, 1).is_err());
+            assert!(conv2d(&x, &w, &b, 1, Precision::F32).is_err());
         }
         let half = Tensor::zeros((1, 3, 6, 6), DType::F16, &dev).unwrap();
-        assert!(conv2d(&half, &w.to_dtype(DType::F16).unwrap(), &b, 1).is_err());
+        assert!(conv2d(
+            &half,
+            &w.to_dtype(DType::F16).unwrap(),
+            &b,
+            1,
+            Precision::F32
+        )
+        .is_err());
     }
 }

@@ -402,6 +402,11 @@ impl FastMlp {
         self.engine.set_precision(precision)
     }
 
+    /// The precision in force.
+    pub fn precision(&self) -> Precision {
+        self.engine.precision()
+    }
+
     /// From tensors in [`Params`] order (layers.0.weight, layers.0.bias, ...).
     pub fn from_tensors(cfg: MlpConfig, tensors: &[Tensor]) -> crate::Result<Self> {
         let mut engine = MlpEngine::empty(cfg);

@@ -12,30 +12,57 @@ use candle_core::{Tensor, D};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::params::{Init, Params};
+use crate::precision::Precision;
 
 /// Weights by name, with the layer operations that use them.
 #[derive(Debug, Clone, Default)]
-pub struct Weights(HashMap<String, Tensor>);
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+    /// The arithmetic of the CPU convolutions' matrix products (resolved for this CPU).
+    precision: Precision,
+}
 
 impl Weights {
+    fn new(map: HashMap<String, Tensor>) -> Self {
+        Self {
+            map,
+            precision: Precision::F32,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.0
+        self.map
             .get(name)
             .ok_or_else(|| Error::Config(format!("weight '{name}' is missing")))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.map.contains_key(name)
     }
 
     /// The same weights as constants.
     pub fn frozen(&self) -> Self {
-        Self(
-            self.0
+        Self {
+            map: self
+                .map
                 .iter()
                 .map(|(k, v)| (k.clone(), v.detach()))
                 .collect(),
-        )
+            precision: self.precision,
+        }
+    }
+
+    /// Runs the CPU convolutions' matrix products (forward and backward) in `precision` where this
+    /// CPU has the units for it; returns the precision in force. Element-wise work, GroupNorm and the
+    /// dense layers stay f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        self.precision = precision.on_this_cpu();
+        self.precision
+    }
+
+    /// The precision in force (see [`Weights::set_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// y = x W^T + b over the last dimension.
@@ -50,7 +77,7 @@ impl Weights {
     pub fn conv(&self, name: &str, x: &Tensor, stride: usize) -> Result<Tensor> {
         let w = self.get(&format!("{name}.weight"))?;
         let b = self.get(&format!("{name}.bias"))?;
-        conv2d(conv_impl(x.device()), x, w, b, stride)
+        conv2d_in(conv_impl(x.device()), x, w, b, stride, self.precision)
     }
 
     /// [`Weights::conv`] plus `extra` (N, C_out): a value per image and channel added to every pixel (the
@@ -68,7 +95,7 @@ impl Weights {
             let w = self.get(&format!("{name}.weight"))?;
             let b = self.get(&format!("{name}.bias"))?;
             let bias = b.unsqueeze(0)?.broadcast_add(extra)?;
-            return cpu::conv::conv2d(x, w, &bias, stride);
+            return cpu::conv::conv2d(x, w, &bias, stride, self.precision);
         }
         let (n, c) = extra.dims2()?;
         Ok(self
@@ -171,7 +198,7 @@ impl<'a, 'b> Builder<'a, 'b> {
     }
 
     pub fn finish(self) -> Weights {
-        Weights(self.w)
+        Weights::new(self.w)
     }
 
     pub fn put(&mut self, name: String, value: Tensor) -> Result<()> {
@@ -290,8 +317,21 @@ pub fn conv_impl(device: &candle_core::Device) -> ConvImpl {
 /// y = conv(x, w) + b with padding k/2 and stride 1 or 2 for an odd square kernel w (C_out x C x k x k);
 /// b is (C_out), or (N, C_out) for a value per image and channel.
 pub fn conv2d(imp: ConvImpl, x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+    conv2d_in(imp, x, w, b, stride, Precision::F32)
+}
+
+/// [`conv2d`] whose CPU matrix products run in `precision` (other implementations run in the
+/// tensors' dtype).
+fn conv2d_in(
+    imp: ConvImpl,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    precision: Precision,
+) -> Result<Tensor> {
     if imp == ConvImpl::Cpu && cpu::supports(x) {
-        return cpu::conv::conv2d(x, w, b, stride);
+        return cpu::conv::conv2d(x, w, b, stride, precision);
     }
     let y = match imp {
         ConvImpl::Candle => {
@@ -409,7 +449,7 @@ mod tests {
         let w = candle_core::Var::randn(0f64, 1.0, (5, 3, 3, 3), &dev).unwrap();
         let b = candle_core::Var::randn(0f64, 1.0, 5, &dev).unwrap();
         let e = candle_core::Var::randn(0f64, 1.0, (2, 5), &dev).unwrap();
-        let weights = Weights(HashMap::from([
+        let weights = Weights::new(HashMap::from([
             ("c.weight".to_string(), w.as_tensor().clone()),
             ("c.bias".to_string(), b.as_tensor().clone()),
         ]));

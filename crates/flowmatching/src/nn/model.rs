@@ -218,14 +218,25 @@ impl Model {
         })
     }
 
-    /// Runs inference in `precision` where the model and CPU support it and returns the precision in
-    /// force: bf16 for the fused MLP engine on a CPU with AVX-512 BF16, f32 for everything else.
+    /// Runs the model in `precision` where the model and CPU support it and returns the precision in
+    /// force: bf16 for the fused MLP engine's products and the U-Net's CPU convolutions on a CPU with
+    /// AVX-512 BF16, f32 for everything else.
     pub fn set_precision(
         &mut self,
         precision: crate::precision::Precision,
     ) -> crate::precision::Precision {
         match self {
             Model::FastMlp(m) => m.set_precision(precision),
+            Model::UNet(m) if m.device().is_cpu() => m.set_precision(precision),
+            _ => crate::precision::Precision::F32,
+        }
+    }
+
+    /// The precision in force (see [`Model::set_precision`]).
+    pub fn precision(&self) -> crate::precision::Precision {
+        match self {
+            Model::FastMlp(m) => m.precision(),
+            Model::UNet(m) => m.precision(),
             _ => crate::precision::Precision::F32,
         }
     }

@@ -304,6 +304,21 @@ impl UNet {
         }
     }
 
+    /// Runs the convolutions' matrix products, forward and backward, in `precision` where this CPU has
+    /// the units for it (bf16 inputs, f32 accumulation; AVX-512 BF16); returns the precision in force.
+    /// Weights, GroupNorm, attention and the element-wise work stay f32.
+    pub fn set_precision(
+        &mut self,
+        precision: crate::precision::Precision,
+    ) -> crate::precision::Precision {
+        self.w.set_precision(precision)
+    }
+
+    /// The precision in force (see [`UNet::set_precision`]).
+    pub fn precision(&self) -> crate::precision::Precision {
+        self.w.precision()
+    }
+
     fn get(&self, name: &str) -> Result<&Tensor> {
         self.w.get(name)
     }
