@@ -11,7 +11,7 @@
 //! For w other than 0 and 1 both fields are evaluated in one batched forward pass of 2B rows, which
 //! counts as 2 NFE per solver call; at w = 0 or w = 1 only the field needed is evaluated (1 NFE).
 //! Training makes the unconditional field available by replacing labels with the null class at random
-//! (label dropout, see [`crate::train::TrainConfig::label_dropout`]).
+//! (label dropout, the training option `label_dropout`).
 
 use candle_core::{DType, Tensor};
 
